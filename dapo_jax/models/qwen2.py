@@ -1,0 +1,541 @@
+"""Qwen2.5 in Flax, numerically matching Hugging Face's `Qwen2ForCausalLM`.
+
+    x = embed(tokens)
+    repeat L times (one `nn.scan` over stacked layer weights):
+        x = x + o_proj(attention(rope(q_proj(rms(x))), rope(k_proj(rms(x))), v_proj(rms(x))))
+        x = x + down_proj(silu(gate_proj(rms(x))) * up_proj(rms(x)))
+    logits = rms(x) @ W_vocab^T          (W_vocab = embed table when the head is tied)
+
+Grouped-query attention: query head h reads kv head h // (heads / kv_heads). q, k and v have
+biases, o has none. Every parameter and main activation carries logical axis names that
+`dapo_jax.sharding` maps to mesh axes.
+
+Two modes share one code path. Without a cache the T input tokens attend causally to each other.
+With a `KVCache` the T tokens are written at slots [cache_index, cache_index + T) of a
+preallocated cache and attend to every earlier valid slot: prefill is T = prompt length,
+a decode step is T = 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dapo_jax import sharding
+from dapo_jax.sharding import constrain
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ROPE_TYPES = ("default", "linear")
+REMAT_POLICIES = {
+    "none": None,  # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config:
+    """Architecture (from config.json) plus how to run it (dtypes, rematerialisation).
+
+    Frozen and hashable, so it can be a static argument of `jax.jit`.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads, as in Qwen2.5
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 151643
+    eos_token_id: int | tuple[int, ...] | None = 151643
+    initializer_range: float = 0.02
+    use_sliding_window: bool = False
+    hidden_act: str = "silu"
+    checkpoint_dtype: str = "bfloat16"  # the dtype tensors are written in by save_hf_checkpoint
+    # How to run it: compute dtype, parameter dtype, rematerialisation of each layer.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    # config.json keys we do not model (architectures, max_window_layers, ...), kept for saving.
+    hf_extra_json: str = dataclasses.field(default="{}", compare=False, repr=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def kv_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    def replace(self, **changes) -> Qwen2Config:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"Qwen2Config.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} does not divide hidden_size="
+                f"{self.hidden_size}; choose a head count that divides it (or set head_dim explicitly)")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} does not divide num_attention_heads="
+                f"{self.num_attention_heads}; grouped-query attention needs heads to be a multiple of kv heads")
+        if self.kv_head_dim % 2:
+            raise ValueError(f"head_dim={self.kv_head_dim} must be even for rotary embeddings")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope type {self.rope_type!r} is not supported; use one of {ROPE_TYPES}")
+        if self.use_sliding_window:
+            raise ValueError("sliding-window attention is not supported (no Qwen2.5 checkpoint uses it); "
+                             "set use_sliding_window to false in config.json")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; Qwen2.5 uses 'silu'")
+        for name in ("dtype", "param_dtype", "checkpoint_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+
+    # -- Hugging Face config.json ---------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], **runtime) -> Qwen2Config:
+        """Read a config.json of either transformers generation.
+
+        4.x writes `rope_theta`, `rope_scaling` and `torch_dtype`; 5.x writes `rope_parameters`
+        and `dtype`. `runtime` sets the non-architecture fields (dtype, param_dtype, remat_policy).
+        """
+        hf = dict(hf)
+        model_type = hf.get("model_type", "qwen2")
+        if model_type != "qwen2":
+            raise ValueError(f"config.json has model_type={model_type!r}; this port reads Qwen2/Qwen2.5 ('qwen2') only")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in hf]
+        if missing:
+            raise ValueError(f"config.json lacks {missing}; a Qwen2 config needs {list(required)}")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        eos = hf.get("eos_token_id")
+        known = {"model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+                 "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
+                 "bos_token_id", "eos_token_id", "initializer_range", "use_sliding_window", "hidden_act",
+                 "torch_dtype", "dtype"}
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim"),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            rope_type=rope_type,
+            rope_factor=float(rope.get("factor", 1.0)),
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+            use_sliding_window=bool(hf.get("use_sliding_window", False)),
+            hidden_act=hf.get("hidden_act", "silu"),
+            checkpoint_dtype=hf.get("dtype") or hf.get("torch_dtype") or "bfloat16",
+            hf_extra_json=json.dumps({k: v for k, v in hf.items() if k not in known}, sort_keys=True),
+            **runtime,
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json contents that both transformers 4.x and 5.x read correctly."""
+        rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type != "default":
+            rope["factor"] = self.rope_factor
+        out = {"architectures": ["Qwen2ForCausalLM"], **json.loads(self.hf_extra_json)}
+        out.update(
+            model_type="qwen2",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            initializer_range=self.initializer_range,
+            use_sliding_window=False,
+            hidden_act=self.hidden_act,
+            # 5.x reads rope_parameters/dtype; 4.x reads rope_theta/rope_scaling/torch_dtype.
+            rope_parameters=rope,
+            rope_theta=self.rope_theta,
+            rope_scaling=None if self.rope_type == "default" else {"type": self.rope_type, "factor": self.rope_factor},
+            dtype=self.checkpoint_dtype,
+            torch_dtype=self.checkpoint_dtype,
+        )
+        if self.head_dim is not None:
+            out["head_dim"] = self.head_dim
+        return out
+
+
+# The published Qwen2.5 base checkpoints' config.json values. Instruct variants differ
+# (rms_norm_eps 1e-6 for 14B/32B, max_position_embeddings 32768, eos 151645): load their
+# config.json rather than a preset.
+_PRESETS = {
+    "0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                 max_position_embeddings=32768),
+    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                 max_position_embeddings=131072),
+    "3B": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
+               max_position_embeddings=32768),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rms_norm_eps=1e-6,
+               max_position_embeddings=131072),
+    "14B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                max_position_embeddings=131072),
+    "32B": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                max_position_embeddings=131072),
+}
+PRESET_NAMES = tuple(_PRESETS)
+
+
+def preset(name: str, **overrides) -> Qwen2Config:
+    """Config of a public Qwen2.5 base model: one of 0.5B, 1.5B, 3B, 7B, 14B, 32B."""
+    key = name.upper().removeprefix("QWEN2.5-")
+    if key not in _PRESETS:
+        raise ValueError(f"unknown Qwen2.5 preset {name!r}; choose one of {PRESET_NAMES}")
+    return Qwen2Config(**{**_PRESETS[key], "rope_theta": 1_000_000.0, **overrides})
+
+
+# -- the network ----------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated keys and values of every layer: [layers, batch, cache_length, kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, config: Qwen2Config, batch: int, length: int, dtype=None) -> KVCache:
+        shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.kv_head_dim)
+        dtype = dtype or config.compute_dtype
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+
+
+def _param(module: nn.Module, name: str, init, shape, axes):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.config.params_dtype)
+
+
+def _normal(config: Qwen2Config):
+    return nn.initializers.normal(stddev=config.initializer_range)
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), the mean taken in float32."""
+
+    config: Qwen2Config
+
+    @nn.compact
+    def __call__(self, x_BxTxE):
+        scale_E = _param(self, "scale", nn.initializers.ones, (x_BxTxE.shape[-1],), ("norm",))
+        x32 = x_BxTxE.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        dtype = self.config.compute_dtype
+        return scale_E.astype(dtype) * normed.astype(dtype)
+
+
+def rotary_embedding(x_BxTxNxD, positions_BxT, theta: float, factor: float = 1.0):
+    """Rotate each head vector by angle position * theta^(-2i/D), halves layout (Hugging Face's).
+
+    x' = x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1]. Linear scaling divides
+    positions by `factor`. Computed in float32 and returned in x's dtype.
+    """
+    half = x_BxTxNxD.shape[-1] // 2
+    inv_freq_H = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / (2 * half))
+    angle_BxTxH = (positions_BxT.astype(jnp.float32) / factor)[..., None] * inv_freq_H
+    cos = jnp.cos(angle_BxTxH)[:, :, None, :]
+    sin = jnp.sin(angle_BxTxH)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxTxNxD.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxD.dtype)
+
+
+class Linear(nn.Module):
+    """y = einsum(equation, x, W) + b, with W of `shape` and an optional bias over W's output axes."""
+
+    config: Qwen2Config
+    equation: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    bias_axes: tuple[str, ...] = ()
+
+    @nn.compact
+    def __call__(self, x):
+        dtype = self.config.compute_dtype
+        w = _param(self, "kernel", _normal(self.config), self.shape, self.axes)
+        y = jnp.einsum(self.equation, x, w.astype(dtype))
+        if self.bias_axes:
+            b = _param(self, "bias", nn.initializers.zeros, self.shape[-len(self.bias_axes):], self.bias_axes)
+            y = y + b.astype(dtype)
+        return y
+
+
+class Attention(nn.Module):
+    config: Qwen2Config
+
+    @nn.compact
+    def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, cache_k_BxSxKxD=None, cache_v_BxSxKxD=None,
+                 cache_index=None):
+        c = self.config
+        E, H, K, D, dtype = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.kv_head_dim, c.compute_dtype
+
+        def project(name, n_heads, head_axis):
+            y = Linear(c, "bte,end->btnd", (E, n_heads, D), ("embed", head_axis, "head_dim"),
+                       bias_axes=(head_axis, "head_dim"), name=name)(x_BxTxE)
+            return constrain(y, ("batch", "length", head_axis, "head_dim"))
+
+        q_BxTxHxD = rotary_embedding(project("q_proj", H, "heads"), positions_BxT, c.rope_theta, c.rope_factor)
+        k_BxTxKxD = rotary_embedding(project("k_proj", K, "kv_heads"), positions_BxT, c.rope_theta, c.rope_factor)
+        v_BxTxKxD = project("v_proj", K, "kv_heads")
+
+        if cache_k_BxSxKxD is not None:
+            start = (0, cache_index, 0, 0)
+            k_BxSxKxD = jax.lax.dynamic_update_slice(cache_k_BxSxKxD, k_BxTxKxD.astype(cache_k_BxSxKxD.dtype), start)
+            v_BxSxKxD = jax.lax.dynamic_update_slice(cache_v_BxSxKxD, v_BxTxKxD.astype(cache_v_BxSxKxD.dtype), start)
+        else:
+            k_BxSxKxD, v_BxSxKxD = k_BxTxKxD, v_BxTxKxD
+
+        B, T = x_BxTxE.shape[:2]
+        q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
+        scores_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD.astype(dtype),
+                                      preferred_element_type=jnp.float32) * D**-0.5
+        # A finite floor, not -inf: a padding query that sees no key gets a uniform (unused) row, not NaN.
+        scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+        probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
+        out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS, v_BxSxKxD.astype(dtype))
+        out_BxTxHxD = constrain(out_BxTxKxGxD.reshape(B, T, H, D), ("batch", "length", "heads", "head_dim"))
+        y_BxTxE = Linear(c, "bthd,hde->bte", (H, D, E), ("heads", "head_dim", "embed"), name="o_proj")(out_BxTxHxD)
+        return constrain(y_BxTxE, ("batch", "length", "act_embed")), k_BxSxKxD, v_BxSxKxD
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: Qwen2Config
+
+    @nn.compact
+    def __call__(self, x_BxTxE):
+        c = self.config
+        E, M = c.hidden_size, c.intermediate_size
+        gate_BxTxM = Linear(c, "bte,em->btm", (E, M), ("embed", "mlp"), name="gate_proj")(x_BxTxE)
+        up_BxTxM = Linear(c, "bte,em->btm", (E, M), ("embed", "mlp"), name="up_proj")(x_BxTxE)
+        h_BxTxM = constrain(jax.nn.silu(gate_BxTxM) * up_BxTxM, ("batch", "length", "mlp"))
+        y_BxTxE = Linear(c, "btm,me->bte", (M, E), ("mlp", "embed"), name="down_proj")(h_BxTxM)
+        return constrain(y_BxTxE, ("batch", "length", "act_embed"))
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block. Scanned: carry = (x, cache_k, cache_v), per-layer input = layer index."""
+
+    config: Qwen2Config
+
+    @nn.compact
+    def __call__(self, carry, layer, positions_BxT, mask_BxTxS, cache_index):
+        x_BxTxE, cache_k, cache_v = carry
+        layer_k = layer_v = None
+        if cache_k is not None:  # this layer's slice of [layers, batch, cache_length, kv_heads, head_dim]
+            layer_k = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False)
+            layer_v = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False)
+        h_BxTxE = RMSNorm(self.config, name="input_layernorm")(x_BxTxE)
+        attn_BxTxE, layer_k, layer_v = Attention(self.config, name="self_attn")(
+            h_BxTxE, positions_BxT, mask_BxTxS, layer_k, layer_v, cache_index)
+        x_BxTxE = x_BxTxE + attn_BxTxE
+        x_BxTxE = x_BxTxE + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x_BxTxE))
+        if cache_k is not None:
+            cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, layer_k, layer, 0)
+            cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, layer_v, layer, 0)
+        return (x_BxTxE, cache_k, cache_v), None
+
+
+class Qwen2ForCausalLM(nn.Module):
+    config: Qwen2Config
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT, attention_mask_BxS, cache: KVCache | None = None,
+                 cache_index=0, *, return_hidden: bool = False):
+        """Logits [B, T, vocab] in float32 (or final hidden states), and the updated cache.
+
+        attention_mask_BxS marks real tokens (1) and padding (0) over the key slots: the T inputs
+        without a cache, the whole cache (including the T slots being written) with one.
+        """
+        c = self.config
+        embed_VxE = _param(self, "embed_tokens", _normal(c), (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+        x_BxTxE = constrain(jnp.take(embed_VxE, tokens_BxT, axis=0).astype(c.compute_dtype),
+                            ("batch", "length", "act_embed"))
+
+        T, S = tokens_BxT.shape[1], attention_mask_BxS.shape[1]
+        query_slot_T = cache_index + jnp.arange(T)
+        causal_TxS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
+        mask_BxTxS = causal_TxS[None] & attention_mask_BxS.astype(bool)[:, None, :]
+
+        block = DecoderLayer
+        if c.remat_policy != "none":
+            block = nn.remat(DecoderLayer, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, name="layers")
+        carry = (x_BxTxE, None if cache is None else cache.k, None if cache is None else cache.v)
+        (x_BxTxE, cache_k, cache_v), _ = layers(carry, jnp.arange(c.num_hidden_layers), positions_BxT, mask_BxTxS,
+                                                cache_index)
+        new_cache = None if cache is None else KVCache(k=constrain(cache_k, CACHE_AXES), v=constrain(cache_v, CACHE_AXES))
+
+        hidden_BxTxE = RMSNorm(c, name="norm")(x_BxTxE)
+        if return_hidden:
+            return hidden_BxTxE, new_cache
+        if c.tie_word_embeddings:
+            head_VxE = embed_VxE
+        else:
+            head_VxE = _param(self, "lm_head", _normal(c), (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+        return project_to_vocab(c, head_VxE, hidden_BxTxE), new_cache
+
+
+def project_to_vocab(config: Qwen2Config, head_VxE, hidden_BxTxE):
+    """Float32 logits from final hidden states: hidden @ head^T."""
+    logits = jnp.einsum("bte,ve->btv", hidden_BxTxE, head_VxE.astype(config.compute_dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab"))
+
+
+def vocab_head(config: Qwen2Config, params):
+    """The [vocab, embed] matrix the logits are computed with (the embedding table when tied)."""
+    return params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
+
+
+# -- pure functions over a parameter tree ---------------------------------------------------------
+
+
+def positions_from_mask(attention_mask_BxT):
+    """Position ids that start at 0 on each row's first real token (left padding gets 0)."""
+    mask = jnp.asarray(attention_mask_BxT, jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def _abstract_boxed_params(config: Qwen2Config):
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(
+        lambda t: Qwen2ForCausalLM(config).init(jax.random.key(0), t, t, t)["params"], tokens)
+
+
+def param_logical_axes(config: Qwen2Config):
+    """The logical axis names of every parameter, as a tree of tuples shaped like the params."""
+    specs = nn.get_partition_spec(_abstract_boxed_params(config))
+    return jax.tree_util.tree_map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def abstract_params(config: Qwen2Config):
+    """ShapeDtypeStructs of the parameters, with no memory allocated."""
+    return nn.unbox(_abstract_boxed_params(config))
+
+
+def param_shardings(config: Qwen2Config, mesh):
+    """NamedShardings of every parameter on `mesh`, from the logical-axis rules."""
+    return sharding.param_shardings(param_logical_axes(config), abstract_params(config), mesh)
+
+
+def init_params(config: Qwen2Config, rng: jax.Array, mesh=None):
+    """Random parameters (Hugging Face's init: normal(0, initializer_range), zero biases, unit norms).
+
+    With a mesh each parameter is created directly in its sharding; nothing is built whole on one
+    device first.
+    """
+    def init():
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        return nn.unbox(Qwen2ForCausalLM(config).init(rng, tokens, tokens, tokens)["params"])
+
+    if mesh is None:
+        return jax.jit(init)()
+    return jax.jit(init, out_shardings=param_shardings(config, mesh))()
+
+
+def _forward(config: Qwen2Config, params, tokens_BxT, attention_mask_BxT, positions_BxT):
+    logits, _ = Qwen2ForCausalLM(config).apply({"params": params}, tokens_BxT, positions_BxT, attention_mask_BxT)
+    return logits
+
+
+_forward_jit = jax.jit(_forward, static_argnums=0)
+
+
+def forward(config: Qwen2Config, params, tokens, *, attention_mask=None, positions=None):
+    """Logits [batch, length, vocab] in float32 for a (left-)padded batch of token ids.
+
+    attention_mask marks real tokens with 1 (default: all real). Positions default to
+    `positions_from_mask`, so a left-padded row gets the same logits as the unpadded sequence.
+    When the params live on a mesh, the call runs sharded on that mesh.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    attention_mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    if attention_mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} differs from tokens shape {tokens.shape}")
+    positions = positions_from_mask(attention_mask) if positions is None else jnp.asarray(positions, jnp.int32)
+    mesh = sharding.mesh_of(params)
+    if mesh is None:
+        return _forward_jit(config, params, tokens, attention_mask, positions)
+    with jax.set_mesh(mesh):
+        return _forward_jit(config, params, tokens, attention_mask, positions)

@@ -1,0 +1,76 @@
+"""Test set-up: 8 CPU devices for the sharded paths, float32 matmuls, small random models."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from dapo_jax.models.qwen2 import Qwen2Config  # noqa: E402
+
+
+
+def tiny_config(**overrides) -> Qwen2Config:
+    """A Qwen2 small enough to run anywhere, with every architectural feature of the real ones."""
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0, max_position_embeddings=256,
+                tie_word_embeddings=False, bos_token_id=None, eos_token_id=1, checkpoint_dtype="float32")
+    return Qwen2Config(**{**base, **overrides})
+
+
+def make_hf_model(tied: bool = False, seed: int = 0, **overrides):
+    """A random-init transformers Qwen2ForCausalLM whose biases and norm scales are not trivial.
+
+    Hugging Face's init sets biases to 0 and norm weights to 1, which would leave those paths of
+    the port untested, so every parameter is redrawn.
+    """
+    import torch
+    from transformers import Qwen2Config as HFQwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    c = tiny_config(tie_word_embeddings=tied, **overrides)
+    hf = c.to_hf_dict()
+    hf.pop("dtype"), hf.pop("torch_dtype"), hf.pop("rope_parameters")
+    model = Qwen2ForCausalLM(HFQwen2Config(**hf)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture(params=[False, True], ids=["untied", "tied"])
+def hf_checkpoint(request, tmp_path):
+    """(directory, torch model) of a random small Qwen2 saved by transformers."""
+    model = make_hf_model(tied=request.param)
+    model.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf", model
+
+
+def torch_logits(model, tokens, attention_mask=None):
+    """Reference logits, with the position ids transformers' generate uses for left padding."""
+    import torch
+
+    tokens = torch.tensor(np.asarray(tokens))
+    kwargs = {}
+    if attention_mask is not None:
+        mask = torch.tensor(np.asarray(attention_mask))
+        kwargs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    with torch.no_grad():
+        return model(tokens, **kwargs).logits.float().numpy()
+
+
+def left_padded_batch(seed: int, lengths, vocab: int, pad: int = 0):
+    """Random token rows of the given lengths, left-padded to the longest: (tokens, mask)."""
+    rng = np.random.RandomState(seed)
+    width = max(lengths)
+    tokens = np.full((len(lengths), width), pad, np.int32)
+    mask = np.zeros((len(lengths), width), np.int32)
+    for row, n in enumerate(lengths):
+        tokens[row, width - n:] = rng.randint(2, vocab, n)
+        mask[row, width - n:] = 1
+    return tokens, mask
