@@ -132,7 +132,7 @@ def param_shardings(logical_tree, abstract_tree, mesh: Mesh):
     def one(path, axes, leaf):
         spec, dropped = logical_to_spec(axes, leaf.shape, mesh_shape)
         for reason in dropped:
-            log.warning("parameter %s is replicated where it would be sharded: %s",
+            log.warning("parameter %s: %s, so that dimension is replicated instead of sharded",
                         jax.tree_util.keystr(path), reason)
         return NamedSharding(mesh, spec)
 

@@ -19,6 +19,7 @@ a decode step is T = 1.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any
 
@@ -237,15 +238,19 @@ _PRESETS = {
                 num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False, rms_norm_eps=1e-5,
                 max_position_embeddings=131072),
 }
+# The embedded default: small enough to train on a laptop CPU in minutes.
+_PRESETS["tiny"] = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                        max_position_embeddings=2048, bos_token_id=None, eos_token_id=None)
 PRESET_NAMES = tuple(_PRESETS)
 
 
 def preset(name: str, **overrides) -> Qwen2Config:
-    """Config of a public Qwen2.5 base model: one of 0.5B, 1.5B, 3B, 7B, 14B, 32B."""
-    key = name.upper().removeprefix("QWEN2.5-")
+    """Config of a public Qwen2.5 base model (0.5B, 1.5B, 3B, 7B, 14B, 32B) or of "tiny"."""
+    key = name if name == "tiny" else name.upper().removeprefix("QWEN2.5-")
     if key not in _PRESETS:
         raise ValueError(f"unknown Qwen2.5 preset {name!r}; choose one of {PRESET_NAMES}")
-    return Qwen2Config(**{**_PRESETS[key], "rope_theta": 1_000_000.0, **overrides})
+    return Qwen2Config(**{"rope_theta": 1_000_000.0, **_PRESETS[key], **overrides})
 
 
 # -- the network ----------------------------------------------------------------------------------
@@ -475,6 +480,7 @@ def positions_from_mask(attention_mask_BxT):
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
+@functools.lru_cache(maxsize=64)
 def _abstract_boxed_params(config: Qwen2Config):
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     return jax.eval_shape(
@@ -497,19 +503,23 @@ def param_shardings(config: Qwen2Config, mesh):
     return sharding.param_shardings(param_logical_axes(config), abstract_params(config), mesh)
 
 
+def _init(config: Qwen2Config, rng: jax.Array):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.unbox(Qwen2ForCausalLM(config).init(rng, tokens, tokens, tokens)["params"])
+
+
+_init_jit = jax.jit(_init, static_argnums=0)
+
+
 def init_params(config: Qwen2Config, rng: jax.Array, mesh=None):
     """Random parameters (Hugging Face's init: normal(0, initializer_range), zero biases, unit norms).
 
     With a mesh each parameter is created directly in its sharding; nothing is built whole on one
     device first.
     """
-    def init():
-        tokens = jnp.zeros((1, 1), jnp.int32)
-        return nn.unbox(Qwen2ForCausalLM(config).init(rng, tokens, tokens, tokens)["params"])
-
     if mesh is None:
-        return jax.jit(init)()
-    return jax.jit(init, out_shardings=param_shardings(config, mesh))()
+        return _init_jit(config, rng)
+    return jax.jit(_init, static_argnums=0, out_shardings=param_shardings(config, mesh))(config, rng)
 
 
 def _forward(config: Qwen2Config, params, tokens_BxT, attention_mask_BxT, positions_BxT):

@@ -1,0 +1,100 @@
+"""Tokenizers: a Hugging Face tokenizer.json and a sentencepiece model behind one interface."""
+
+import json
+
+import pytest
+
+from dapo_jax.tokenizer import (IM_END, IM_START, QWEN_DEFAULT_SYSTEM, HFTokenizer, SentencePieceTokenizer,
+                                load_tokenizer, render_chat)
+
+CORPUS = ["Natalia sold clips to 48 of her friends in April.", "What is 12 + 30? Answer: 42",
+          "The answer is $\\frac{1}{2}$ and \\boxed{7}.", "Let x = 3; then 2x + 1 = 7."] * 20
+SPECIALS = ["<|endoftext|>", IM_START, IM_END]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer.json (Qwen's kind) trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path_factory.mktemp("hf_tok")
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sp_file(tmp_path_factory):
+    import sentencepiece
+
+    path = tmp_path_factory.mktemp("sp_tok")
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(path / "tokenizer"),
+                                             vocab_size=310, user_defined_symbols=SPECIALS,
+                                             minloglevel=2, byte_fallback=True, normalization_rule_name="identity",
+                                             remove_extra_whitespaces=False)
+    return path / "tokenizer.model"
+
+
+@pytest.fixture(params=["hf", "sentencepiece"])
+def tokenizer(request, hf_dir, sp_file):
+    return load_tokenizer(hf_dir if request.param == "hf" else sp_file)
+
+
+def test_load_tokenizer_picks_the_backend(hf_dir, sp_file):
+    assert isinstance(load_tokenizer(hf_dir), HFTokenizer)
+    assert isinstance(load_tokenizer(hf_dir / "tokenizer.json"), HFTokenizer)
+    assert isinstance(load_tokenizer(sp_file), SentencePieceTokenizer)
+
+
+def test_text_round_trips(tokenizer):
+    text = "What is 12 + 30? Answer: 42"
+    ids = tokenizer.encode(text)
+    assert ids and all(0 <= i < tokenizer.vocab_size for i in ids)
+    assert tokenizer.decode(ids) == text
+
+
+def test_chat_control_tokens_are_single_ids(tokenizer):
+    ids = tokenizer.encode(f"{IM_START}user\nhi{IM_END}")
+    assert ids[0] == tokenizer.token_id(IM_START) and ids[-1] == tokenizer.token_id(IM_END)
+    assert tokenizer.decode(ids, skip_special_tokens=False) == f"{IM_START}user\nhi{IM_END}"
+    assert tokenizer.decode(ids) == "user\nhi"
+
+
+def test_end_ids_include_end_of_text_and_end_of_turn(tokenizer):
+    assert tokenizer.token_id("<|endoftext|>") in tokenizer.eos_ids
+    assert tokenizer.token_id(IM_END) in tokenizer.eos_ids
+    assert tokenizer.pad_id == tokenizer.token_id("<|endoftext|>")
+
+
+def test_chat_format_is_qwens():
+    text = render_chat([{"role": "user", "content": "What is 2+2?"}])
+    assert text == (f"{IM_START}system\n{QWEN_DEFAULT_SYSTEM}{IM_END}\n"
+                    f"{IM_START}user\nWhat is 2+2?{IM_END}\n{IM_START}assistant\n")
+    own_system = render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                             add_generation_prompt=False)
+    assert own_system == f"{IM_START}system\nBe brief.{IM_END}\n{IM_START}user\nHi{IM_END}\n"
+    assert render_chat([{"role": "user", "content": "Hi"}], default_system=None).startswith(f"{IM_START}user")
+
+
+def test_encode_chat_matches_encoding_the_rendered_text(tokenizer):
+    messages = [{"role": "user", "content": "Let x = 3."}]
+    assert tokenizer.encode_chat(messages) == tokenizer.encode(render_chat(messages))
+
+
+@pytest.mark.parametrize("bad", [[], [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}]])
+def test_malformed_messages_are_rejected(bad):
+    with pytest.raises(ValueError, match="message|at least one"):
+        render_chat(bad)
+
+
+def test_missing_tokenizer_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor tokenizer.model"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="tokenizer.json .* or a .model"):
+        (tmp_path / "vocab.txt").write_text("")
+        load_tokenizer(tmp_path / "vocab.txt")
