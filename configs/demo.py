@@ -1,5 +1,5 @@
 """The foundation demo: build or load a Qwen2.5, round-trip it through a Hugging Face checkpoint,
-check padding invariance and KV-cache decoding. Run:
+check padding invariance and KV-cache decoding, time group sampling. Run:
 
     python -m dapo_jax.demo --config configs/demo.py [--config.model=random:0.5B] [--config.mesh.tensor=2]
 """
@@ -15,6 +15,7 @@ def get_config():
     c.seed = 0
     c.workdir = "workdir/demo"
     c.prompt_lengths = [5, 17, 11, 2]  # one left-padded batch of random prompts
-    c.new_tokens = 16
+    c.new_tokens = 32
+    c.num_samples = 8  # answers per prompt, as DAPO's G
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     return c

@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dapo_jax import sharding
 from dapo_jax.models import qwen2
 from dapo_jax.models.qwen2 import Qwen2Config
 
@@ -314,13 +315,6 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str = "float32", mesh=
 # -- saving ---------------------------------------------------------------------------------------
 
 
-def _host(array: jax.Array) -> np.ndarray:
-    """The whole array on this host (all hosts take part when it spans several)."""
-    if array.is_fully_addressable:
-        return np.asarray(jax.device_get(array))
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
 def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params, *, dtype: str | None = None,
                        max_shard_bytes: int = 4 << 30, overwrite: bool = False,
                        copy_files_from: str | os.PathLike | None = None) -> Path:
@@ -364,7 +358,7 @@ def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params, *, 
     def hf_tensor(k):
         _, _, mapping, layer = plan[k]
         leaf = _get(params, mapping.path)
-        ours = _host(leaf if layer is None else leaf[layer])
+        ours = sharding.to_host(leaf if layer is None else leaf[layer])
         return mapping.to_hf(ours).astype(disk_dtype)
 
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -147,6 +148,13 @@ def mesh_of(tree) -> Mesh | None:
         if isinstance(sharding, NamedSharding):
             return sharding.mesh
     return None
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """The whole array as numpy on this host (every host takes part when it spans several)."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def bytes_per_device(array: jax.Array) -> dict[int, int]:

@@ -339,8 +339,13 @@ class Attention(nn.Module):
     config: Qwen2Config
 
     @nn.compact
-    def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, cache_k_BxSxKxD=None, cache_v_BxSxKxD=None,
+    def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, cache: KVCache | None = None, layer=None,
                  cache_index=None):
+        """Attention output, and the cache with this layer's new keys/values written in place.
+
+        With a cache, the T new keys and values go to slots [cache_index, cache_index + T) of layer
+        `layer`; only those slots are written, so a decode step costs no copy of the cache.
+        """
         c = self.config
         E, H, K, D, dtype = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.kv_head_dim, c.compute_dtype
 
@@ -353,10 +358,12 @@ class Attention(nn.Module):
         k_BxTxKxD = rotary_embedding(project("k_proj", K, "kv_heads"), positions_BxT, c.rope_theta, c.rope_factor)
         v_BxTxKxD = project("v_proj", K, "kv_heads")
 
-        if cache_k_BxSxKxD is not None:
-            start = (0, cache_index, 0, 0)
-            k_BxSxKxD = jax.lax.dynamic_update_slice(cache_k_BxSxKxD, k_BxTxKxD.astype(cache_k_BxSxKxD.dtype), start)
-            v_BxSxKxD = jax.lax.dynamic_update_slice(cache_v_BxSxKxD, v_BxTxKxD.astype(cache_v_BxSxKxD.dtype), start)
+        if cache is not None:
+            start = (layer, 0, cache_index, 0, 0)
+            cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k_BxTxKxD[None].astype(cache.k.dtype), start),
+                            v=jax.lax.dynamic_update_slice(cache.v, v_BxTxKxD[None].astype(cache.v.dtype), start))
+            k_BxSxKxD = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False)
+            v_BxSxKxD = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False)
         else:
             k_BxSxKxD, v_BxSxKxD = k_BxTxKxD, v_BxTxKxD
 
@@ -370,7 +377,7 @@ class Attention(nn.Module):
         out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS, v_BxSxKxD.astype(dtype))
         out_BxTxHxD = constrain(out_BxTxKxGxD.reshape(B, T, H, D), ("batch", "length", "heads", "head_dim"))
         y_BxTxE = Linear(c, "bthd,hde->bte", (H, D, E), ("heads", "head_dim", "embed"), name="o_proj")(out_BxTxHxD)
-        return constrain(y_BxTxE, ("batch", "length", "act_embed")), k_BxSxKxD, v_BxSxKxD
+        return constrain(y_BxTxE, ("batch", "length", "act_embed")), cache
 
 
 class MLP(nn.Module):
@@ -390,26 +397,19 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block. Scanned: carry = (x, cache_k, cache_v), per-layer input = layer index."""
+    """One pre-norm block. Scanned: carry = (x, cache or None), per-layer input = layer index."""
 
     config: Qwen2Config
 
     @nn.compact
     def __call__(self, carry, layer, positions_BxT, mask_BxTxS, cache_index):
-        x_BxTxE, cache_k, cache_v = carry
-        layer_k = layer_v = None
-        if cache_k is not None:  # this layer's slice of [layers, batch, cache_length, kv_heads, head_dim]
-            layer_k = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False)
-            layer_v = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False)
+        x_BxTxE, cache = carry
         h_BxTxE = RMSNorm(self.config, name="input_layernorm")(x_BxTxE)
-        attn_BxTxE, layer_k, layer_v = Attention(self.config, name="self_attn")(
-            h_BxTxE, positions_BxT, mask_BxTxS, layer_k, layer_v, cache_index)
+        attn_BxTxE, cache = Attention(self.config, name="self_attn")(
+            h_BxTxE, positions_BxT, mask_BxTxS, cache, layer, cache_index)
         x_BxTxE = x_BxTxE + attn_BxTxE
         x_BxTxE = x_BxTxE + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x_BxTxE))
-        if cache_k is not None:
-            cache_k = jax.lax.dynamic_update_index_in_dim(cache_k, layer_k, layer, 0)
-            cache_v = jax.lax.dynamic_update_index_in_dim(cache_v, layer_v, layer, 0)
-        return (x_BxTxE, cache_k, cache_v), None
+        return (x_BxTxE, cache), None
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -444,10 +444,10 @@ class Qwen2ForCausalLM(nn.Module):
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, name="layers")
-        carry = (x_BxTxE, None if cache is None else cache.k, None if cache is None else cache.v)
-        (x_BxTxE, cache_k, cache_v), _ = layers(carry, jnp.arange(c.num_hidden_layers), positions_BxT, mask_BxTxS,
-                                                cache_index)
-        new_cache = None if cache is None else KVCache(k=constrain(cache_k, CACHE_AXES), v=constrain(cache_v, CACHE_AXES))
+        if cache is not None:
+            cache = KVCache(k=constrain(cache.k, CACHE_AXES), v=constrain(cache.v, CACHE_AXES))
+        (x_BxTxE, new_cache), _ = layers((x_BxTxE, cache), jnp.arange(c.num_hidden_layers), positions_BxT,
+                                         mask_BxTxS, cache_index)
 
         hidden_BxTxE = RMSNorm(c, name="norm")(x_BxTxE)
         if return_hidden:

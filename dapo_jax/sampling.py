@@ -1,0 +1,266 @@
+"""Group rollouts: prefill each prompt once, copy its KV cache to G rows, decode in one jitted loop.
+
+    prompts (left-padded to P) --prefill--> cache [L, B, P, K, D], logits of each prompt's last token
+      --repeat G times--> cache [L, B*G, P + N - 1, K, D]; sample token 0 of every row
+      --while step < N and some row has not stopped--> feed token step-1, sample token step
+
+Everything after the host-side padding runs inside one `jax.jit`; the loop is a `lax.while_loop`
+that exits as soon as every row has emitted an end-of-sequence id, so a batch of short answers does
+not pay for the longest possible one.
+
+Sampling is a chain of small pieces over the logits of each row: temperature, top-k, top-p, then one
+categorical draw. The log-probability returned for each token is under that final (scaled,
+truncated, renormalised) distribution; for greedy decoding (temperature 0) it is under the model's
+own softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dapo_jax import sharding
+from dapo_jax.models import qwen2
+from dapo_jax.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn. Hashable: it is a static argument of the jitted sampler."""
+
+    max_new_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # 1.0: no nucleus truncation (and no sort)
+    top_k: int = 0  # 0: no top-k truncation
+    eos_ids: tuple[int, ...] = ()
+    num_samples: int = 1
+    prompt_bucket: int = 32  # pad prompt length up to a multiple of this, to reuse compilations
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}; ask for at least 1 new token")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]; 1.0 turns nucleus sampling off")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0; 0 turns top-k off")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples={self.num_samples}; ask for at least 1 sample per prompt")
+        if self.prompt_bucket < 1:
+            raise ValueError(f"prompt_bucket={self.prompt_bucket} must be >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """One entry per (prompt, sample), prompt-major: row i*G + j is sample j of prompt i."""
+
+    tokens: list[list[int]]  # generated ids, up to and including the end-of-sequence id
+    logprobs: list[list[float]]  # log-probability of each generated id under the sampling distribution
+    lengths: list[int]
+    truncated: list[bool]  # stopped by max_new_tokens rather than by an end-of-sequence id
+    decode_steps: int  # iterations the decode loop ran (early exit makes this < max_new_tokens - 1)
+
+
+# -- sampling pieces ------------------------------------------------------------------------------
+
+
+def top_p_mask(sorted_logits_NxC, top_p: float):
+    """Keep the nucleus: the smallest prefix of the (descending) candidates whose probability >= p.
+
+    A candidate is kept when the probability of the candidates before it is still below p.
+    """
+    probs = jax.nn.softmax(sorted_logits_NxC, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    return jnp.where(before < top_p, sorted_logits_NxC, -jnp.inf)
+
+
+def sample_tokens(logits_NxV, key, sampling: SamplingConfig):
+    """(token ids [N], their log-probabilities [N]) from one row of logits each."""
+    logits_NxV = logits_NxV.astype(jnp.float32)
+    if sampling.greedy:
+        token_N = jnp.argmax(logits_NxV, axis=-1)
+        logprob_N = jnp.take_along_axis(jax.nn.log_softmax(logits_NxV), token_N[:, None], axis=-1)[:, 0]
+        return token_N.astype(jnp.int32), logprob_N
+    scaled_NxV = logits_NxV / sampling.temperature
+    candidate_ids = None
+    if sampling.top_k and sampling.top_k < scaled_NxV.shape[-1]:
+        candidates, candidate_ids = jax.lax.top_k(scaled_NxV, sampling.top_k)  # sorted descending
+    elif sampling.top_p < 1.0:
+        candidate_ids = jnp.argsort(-scaled_NxV, axis=-1)
+        candidates = jnp.take_along_axis(scaled_NxV, candidate_ids, axis=-1)
+    else:
+        candidates = scaled_NxV
+    if sampling.top_p < 1.0:
+        candidates = top_p_mask(candidates, sampling.top_p)
+    logp_NxC = jax.nn.log_softmax(candidates, axis=-1)
+    choice_N = jax.random.categorical(key, logp_NxC, axis=-1)
+    logprob_N = jnp.take_along_axis(logp_NxC, choice_N[:, None], axis=-1)[:, 0]
+    token_N = choice_N if candidate_ids is None else jnp.take_along_axis(candidate_ids, choice_N[:, None], -1)[:, 0]
+    return token_N.astype(jnp.int32), logprob_N
+
+
+# -- the jitted sampler ---------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class DecodeState:
+    step: jax.Array  # index of the next token to sample
+    tokens_NxM: jax.Array
+    logprobs_NxM: jax.Array
+    lengths_N: jax.Array
+    done_N: jax.Array
+    next_position_N: jax.Array  # position id of the token fed next
+    key_mask_NxS: jax.Array  # cache slots holding real tokens
+    cache: KVCache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _generate(config: Qwen2Config, sampling: SamplingConfig, params, prompt_BxP, prompt_mask_BxP, active_B, rng):
+    model = Qwen2ForCausalLM(config)
+    B, P = prompt_BxP.shape
+    G, M = sampling.num_samples, sampling.max_new_tokens
+    N, S = B * G, P + M - 1  # the last sampled token is never fed back, so it needs no slot
+    eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
+
+    positions_BxP = qwen2.positions_from_mask(prompt_mask_BxP)
+    hidden_BxPxE, cache = model.apply({"params": params}, prompt_BxP, positions_BxP, prompt_mask_BxP,
+                                      KVCache.zeros(config, B, P), 0, return_hidden=True)
+    last_logits_BxV = qwen2.project_to_vocab(config, qwen2.vocab_head(config, params), hidden_BxPxE[:, -1:])[:, 0]
+
+    # Each prompt's cache, copied to its G sample rows and extended with empty slots for the answer.
+    def expand(x_LxBxPxKxD):
+        x = jnp.repeat(x_LxBxPxKxD, G, axis=1)
+        return sharding.constrain(jnp.pad(x, ((0, 0), (0, 0), (0, M - 1), (0, 0), (0, 0))), qwen2.CACHE_AXES)
+
+    cache = KVCache(k=expand(cache.k), v=expand(cache.v))
+    key_mask_NxS = jnp.pad(jnp.repeat(prompt_mask_BxP, G, axis=0), ((0, 0), (0, M - 1)))
+    token_N, logprob_N = sample_tokens(jnp.repeat(last_logits_BxV, G, axis=0), jax.random.fold_in(rng, 0), sampling)
+
+    row = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
+    state = DecodeState(
+        step=jnp.array(1, jnp.int32),
+        tokens_NxM=row(jnp.zeros((N, M), jnp.int32).at[:, 0].set(token_N)),
+        logprobs_NxM=row(jnp.zeros((N, M), jnp.float32).at[:, 0].set(logprob_N)),
+        lengths_N=row(jnp.ones((N,), jnp.int32)),
+        done_N=row(jnp.isin(token_N, eos) | ~jnp.repeat(active_B, G)),  # filler rows start done
+        next_position_N=row(jnp.repeat(prompt_mask_BxP.sum(axis=-1), G).astype(jnp.int32)),
+        key_mask_NxS=row(key_mask_NxS),
+        cache=cache,
+    )
+
+    def keep_going(s: DecodeState):
+        return (s.step < M) & ~jnp.all(s.done_N)
+
+    def decode_one(s: DecodeState):
+        slot = P + s.step - 1  # where the previous token's keys and values go
+        fed_N = jax.lax.dynamic_index_in_dim(s.tokens_NxM, s.step - 1, axis=1, keepdims=False)
+        key_mask = jax.lax.dynamic_update_index_in_dim(s.key_mask_NxS, jnp.ones((N,), s.key_mask_NxS.dtype), slot, 1)
+        logits_Nx1xV, cache = model.apply({"params": params}, fed_N[:, None], s.next_position_N[:, None], key_mask,
+                                          s.cache, slot)
+        token_N, logprob_N = sample_tokens(logits_Nx1xV[:, 0], jax.random.fold_in(rng, s.step), sampling)
+        live_N = ~s.done_N
+        token_N = jnp.where(live_N, token_N, 0)
+        logprob_N = jnp.where(live_N, logprob_N, 0.0)
+        return DecodeState(
+            step=s.step + 1,
+            tokens_NxM=jax.lax.dynamic_update_index_in_dim(s.tokens_NxM, token_N, s.step, 1),
+            logprobs_NxM=jax.lax.dynamic_update_index_in_dim(s.logprobs_NxM, logprob_N, s.step, 1),
+            lengths_N=s.lengths_N + live_N,
+            done_N=s.done_N | (live_N & jnp.isin(token_N, eos)),
+            next_position_N=s.next_position_N + 1,
+            key_mask_NxS=key_mask,
+            cache=cache,
+        )
+
+    state = jax.lax.while_loop(keep_going, decode_one, state)
+    return state.tokens_NxM, state.logprobs_NxM, state.lengths_N, ~state.done_N, state.step - 1
+
+
+def _batch_multiple(mesh) -> int:
+    """How many ways the batch is split on `mesh` (data x fsdp)."""
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape.get(axis, 1) for axis in ("data", "fsdp"))
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, bucket: int, batch_multiple: int = 1,
+                pad_id: int = 0):
+    """Left-pad token lists into (tokens [B', P], mask [B', P], real-row flags [B']).
+
+    B' rounds the number of prompts up to `batch_multiple` so that the batch splits evenly on a mesh.
+    """
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        bad = [t for t in p if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+    width = -(-max(len(p) for p in prompts) // bucket) * bucket
+    rows = -(-len(prompts) // batch_multiple) * batch_multiple
+    tokens = np.full((rows, width), pad_id, np.int32)
+    mask = np.zeros((rows, width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    for i in range(len(prompts), rows):  # filler rows (dropped from the output) hold one token
+        mask[i, -1] = 1
+    return tokens, mask, np.arange(rows) < len(prompts)
+
+
+def generate(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
+             num_samples: int = 1, seed: int = 0, mesh=None, prompt_bucket: int = 32) -> GenerateOutput:
+    """Sample `num_samples` continuations of every prompt (lists of token ids).
+
+    Runs on the mesh the params live on (or `mesh`), the batch split over its data and fsdp axes,
+    reading the params in place. The same seed gives the same tokens.
+    """
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+                              top_k=int(top_k), eos_ids=tuple(int(e) for e in eos_ids), num_samples=num_samples,
+                              prompt_bucket=prompt_bucket)
+    mesh = mesh or sharding.mesh_of(params)
+    tokens, mask, active = pad_prompts(prompts, config.vocab_size, prompt_bucket, _batch_multiple(mesh))
+    total = tokens.shape[1] + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise ValueError(f"padded prompt length {tokens.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds "
+                         f"max_position_embeddings={config.max_position_embeddings}; shorten one of them")
+    rng = jax.random.key(seed)
+    if mesh is None:
+        out = _generate(config, sampling, params, tokens, mask, active, rng)
+    else:
+        with jax.set_mesh(mesh):
+            out = _generate(config, sampling, params, tokens, mask, active, rng)
+    tokens_NxM, logprobs_NxM, lengths_N, truncated_N, steps = (sharding.to_host(x) for x in out)
+    n = len(prompts) * num_samples
+    lengths = [int(x) for x in lengths_N[:n]]
+    return GenerateOutput(
+        tokens=[tokens_NxM[i, :lengths[i]].tolist() for i in range(n)],
+        logprobs=[logprobs_NxM[i, :lengths[i]].tolist() for i in range(n)],
+        lengths=lengths,
+        truncated=[bool(x) for x in truncated_N[:n]],
+        decode_steps=int(steps),
+    )
+
+
+def greedy_by_recomputing(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+    """Reference greedy decoder without a cache: one full forward pass per new token. Slow; for checks."""
+    tokens, mask, _ = pad_prompts(prompts, config.vocab_size, bucket=1)
+    for _ in range(max_new_tokens):
+        logits = qwen2.forward(config, params, tokens, attention_mask=mask)
+        token = np.asarray(jnp.argmax(logits[:, -1], axis=-1), np.int32)[:, None]
+        tokens, mask = np.concatenate([tokens, token], 1), np.concatenate([mask, np.ones_like(token)], 1)
+    return tokens[:, -max_new_tokens:].tolist()
