@@ -1,7 +1,7 @@
 """Group rollouts: prefill each prompt once, copy its KV cache to G rows, decode in one jitted loop.
 
-    prompts (left-padded to P) --prefill--> cache [L, B, P, K, D], logits of each prompt's last token
-      --repeat G times--> cache [L, B*G, P + N - 1, K, D]; sample token 0 of every row
+    prompts (left-padded to P) --prefill--> cache [L, B, K, P, D], logits of each prompt's last token
+      --repeat G times--> cache [L, B*G, K, P + N - 1, D]; sample token 0 of every row
       --while step < N and some row has not stopped--> feed token step-1, sample token step
 
 Everything after the host-side padding runs inside one `jax.jit`; the loop is a `lax.while_loop`
@@ -42,6 +42,10 @@ class SamplingConfig:
     eos_ids: tuple[int, ...] = ()
     num_samples: int = 1
     prompt_bucket: int = 32  # pad prompt length up to a multiple of this, to reuse compilations
+    # How a decode step runs the layers: "scan" over stacked weights and cache (accelerators: the
+    # slices fuse into the matmuls), "unrolled" over per-layer buffers (CPU: no per-step copies),
+    # or "auto" for the right one on the current backend.
+    layer_loop: str = "auto"
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -56,6 +60,8 @@ class SamplingConfig:
             raise ValueError(f"num_samples={self.num_samples}; ask for at least 1 sample per prompt")
         if self.prompt_bucket < 1:
             raise ValueError(f"prompt_bucket={self.prompt_bucket} must be >= 1")
+        if self.layer_loop not in ("auto", "scan", "unrolled"):
+            raise ValueError(f"layer_loop={self.layer_loop!r}; use 'auto', 'scan' or 'unrolled'")
 
     @property
     def greedy(self) -> bool:
@@ -86,6 +92,24 @@ def top_p_mask(sorted_logits_NxC, top_p: float):
     return jnp.where(before < top_p, sorted_logits_NxC, -jnp.inf)
 
 
+def categorical(key, logp_NxC):
+    """One exact draw per row from softmax(logp), using O(sqrt(C)) random numbers instead of C.
+
+    The C candidates are cut into blocks of b ~ sqrt(C); a block is drawn by its total probability,
+    then a candidate within it: P(c) = P(block) * P(c | block). Gumbel-max over all C candidates
+    would generate C random numbers per row, which dominates a decode step on a large vocabulary.
+    """
+    N, C = logp_NxC.shape
+    b = 1 << max(0, math.ceil(math.log2(math.sqrt(C))))
+    n_blocks = -(-C // b)
+    padded = jnp.pad(logp_NxC, ((0, 0), (0, n_blocks * b - C)), constant_values=-jnp.inf)
+    blocks_NxBxb = padded.reshape(N, n_blocks, b)
+    block_key, inner_key = jax.random.split(key)
+    block_N = jax.random.categorical(block_key, jax.nn.logsumexp(blocks_NxBxb, axis=-1), axis=-1)
+    inner_Nxb = jnp.take_along_axis(blocks_NxBxb, block_N[:, None, None], axis=1)[:, 0]
+    return block_N * b + jax.random.categorical(inner_key, inner_Nxb, axis=-1)
+
+
 def sample_tokens(logits_NxV, key, sampling: SamplingConfig):
     """(token ids [N], their log-probabilities [N]) from one row of logits each."""
     logits_NxV = logits_NxV.astype(jnp.float32)
@@ -105,7 +129,7 @@ def sample_tokens(logits_NxV, key, sampling: SamplingConfig):
     if sampling.top_p < 1.0:
         candidates = top_p_mask(candidates, sampling.top_p)
     logp_NxC = jax.nn.log_softmax(candidates, axis=-1)
-    choice_N = jax.random.categorical(key, logp_NxC, axis=-1)
+    choice_N = categorical(key, logp_NxC)
     logprob_N = jnp.take_along_axis(logp_NxC, choice_N[:, None], axis=-1)[:, 0]
     token_N = choice_N if candidate_ids is None else jnp.take_along_axis(candidate_ids, choice_N[:, None], -1)[:, 0]
     return token_N.astype(jnp.int32), logprob_N
@@ -123,7 +147,7 @@ class DecodeState:
     done_N: jax.Array
     next_position_N: jax.Array  # position id of the token fed next
     key_mask_NxS: jax.Array  # cache slots holding real tokens
-    cache: KVCache
+    cache: KVCache | list[KVCache]  # stacked, or one per layer (layer_loop="unrolled")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -140,11 +164,21 @@ def _generate(config: Qwen2Config, sampling: SamplingConfig, params, prompt_BxP,
     last_logits_BxV = qwen2.project_to_vocab(config, qwen2.vocab_head(config, params), hidden_BxPxE[:, -1:])[:, 0]
 
     # Each prompt's cache, copied to its G sample rows and extended with empty slots for the answer.
-    def expand(x_LxBxPxKxD):
-        x = jnp.repeat(x_LxBxPxKxD, G, axis=1)
-        return sharding.constrain(jnp.pad(x, ((0, 0), (0, 0), (0, M - 1), (0, 0), (0, 0))), qwen2.CACHE_AXES)
+    def expand(x_LxBxKxPxD):
+        x = jnp.repeat(x_LxBxKxPxD, G, axis=1)
+        return sharding.constrain(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, M - 1), (0, 0))), qwen2.CACHE_AXES)
 
-    cache = KVCache(k=expand(cache.k), v=expand(cache.v))
+    if sampling.layer_loop == "unrolled":
+        layers = qwen2.unstack_layers(params)  # sliced once here, not at every step
+        cache = [KVCache(k=expand(cache.k[i:i + 1]), v=expand(cache.v[i:i + 1])) for i in range(len(layers))]
+
+        def step_logits(tokens, positions, key_mask, cache, slot):
+            return qwen2.apply_unrolled(config, params, layers, tokens, positions, key_mask, cache, slot)
+    else:
+        cache = KVCache(k=expand(cache.k), v=expand(cache.v))
+
+        def step_logits(tokens, positions, key_mask, cache, slot):
+            return model.apply({"params": params}, tokens, positions, key_mask, cache, slot)
     key_mask_NxS = jnp.pad(jnp.repeat(prompt_mask_BxP, G, axis=0), ((0, 0), (0, M - 1)))
     token_N, logprob_N = sample_tokens(jnp.repeat(last_logits_BxV, G, axis=0), jax.random.fold_in(rng, 0), sampling)
 
@@ -167,8 +201,7 @@ def _generate(config: Qwen2Config, sampling: SamplingConfig, params, prompt_BxP,
         slot = P + s.step - 1  # where the previous token's keys and values go
         fed_N = jax.lax.dynamic_index_in_dim(s.tokens_NxM, s.step - 1, axis=1, keepdims=False)
         key_mask = jax.lax.dynamic_update_index_in_dim(s.key_mask_NxS, jnp.ones((N,), s.key_mask_NxS.dtype), slot, 1)
-        logits_Nx1xV, cache = model.apply({"params": params}, fed_N[:, None], s.next_position_N[:, None], key_mask,
-                                          s.cache, slot)
+        logits_Nx1xV, cache = step_logits(fed_N[:, None], s.next_position_N[:, None], key_mask, s.cache, slot)
         token_N, logprob_N = sample_tokens(logits_Nx1xV[:, 0], jax.random.fold_in(rng, s.step), sampling)
         live_N = ~s.done_N
         token_N = jnp.where(live_N, token_N, 0)
@@ -223,7 +256,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, bucket: int, 
 
 def generate(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
-             num_samples: int = 1, seed: int = 0, mesh=None, prompt_bucket: int = 32) -> GenerateOutput:
+             num_samples: int = 1, seed: int = 0, mesh=None, prompt_bucket: int = 32,
+             layer_loop: str = "auto") -> GenerateOutput:
     """Sample `num_samples` continuations of every prompt (lists of token ids).
 
     Runs on the mesh the params live on (or `mesh`), the batch split over its data and fsdp axes,
@@ -231,7 +265,9 @@ def generate(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, m
     """
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                               top_k=int(top_k), eos_ids=tuple(int(e) for e in eos_ids), num_samples=num_samples,
-                              prompt_bucket=prompt_bucket)
+                              prompt_bucket=prompt_bucket, layer_loop=layer_loop)
+    if layer_loop == "auto":
+        sampling = dataclasses.replace(sampling, layer_loop="unrolled" if jax.default_backend() == "cpu" else "scan")
     mesh = mesh or sharding.mesh_of(params)
     tokens, mask, active = pad_prompts(prompts, config.vocab_size, prompt_bucket, _batch_multiple(mesh))
     total = tokens.shape[1] + max_new_tokens

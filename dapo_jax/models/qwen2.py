@@ -258,23 +258,27 @@ def preset(name: str, **overrides) -> Qwen2Config:
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated keys and values of every layer: [layers, batch, cache_length, kv_heads, head_dim]."""
+    """Preallocated keys and values of every layer: [layers, batch, kv_heads, cache_length, head_dim].
+
+    Length sits next to head_dim because that is the layout both attention matmuls read without a
+    transpose; with [.., length, kv_heads, ..] every decode step would copy the whole cache.
+    """
 
     k: jax.Array
     v: jax.Array
 
     @classmethod
     def zeros(cls, config: Qwen2Config, batch: int, length: int, dtype=None) -> KVCache:
-        shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.kv_head_dim)
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.kv_head_dim)
         dtype = dtype or config.compute_dtype
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
-CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
 
 
 def _param(module: nn.Module, name: str, init, shape, axes):
@@ -335,6 +339,29 @@ class Linear(nn.Module):
         return y
 
 
+def attend(q_BxTxKxGxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS):
+    """softmax(q k^T / sqrt(D) + mask) v for grouped queries (G query heads per kv head).
+
+    A single query token (a decode step) reads each key and value once as a fused multiply-reduce,
+    which is what a memory-bound step wants; several tokens (prefill, training) use matmuls.
+    """
+    D, dtype = q_BxTxKxGxD.shape[-1], q_BxTxKxGxD.dtype
+    if q_BxTxKxGxD.shape[1] == 1:
+        q_BxKxGxD = q_BxTxKxGxD[:, 0]
+        scores_BxKxGxS = jnp.sum(q_BxKxGxD[:, :, :, None, :].astype(jnp.float32) * k_BxKxSxD[:, :, None], axis=-1)
+        scores_BxKxGxTxS = scores_BxKxGxS[:, :, :, None, :] * D**-0.5
+    else:
+        scores_BxKxGxTxS = jnp.einsum("btkgd,bksd->bkgts", q_BxTxKxGxD, k_BxKxSxD,
+                                      preferred_element_type=jnp.float32) * D**-0.5
+    # A finite floor, not -inf: a padding query that sees no key gets a uniform (unused) row, not NaN.
+    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
+    if q_BxTxKxGxD.shape[1] == 1:
+        out_BxKxGxD = jnp.sum(probs_BxKxGxTxS[:, :, :, 0, :, None] * v_BxKxSxD[:, :, None], axis=3)
+        return out_BxKxGxD[:, None]
+    return jnp.einsum("bkgts,bksd->btkgd", probs_BxKxGxTxS, v_BxKxSxD)
+
+
 class Attention(nn.Module):
     config: Qwen2Config
 
@@ -356,25 +383,21 @@ class Attention(nn.Module):
 
         q_BxTxHxD = rotary_embedding(project("q_proj", H, "heads"), positions_BxT, c.rope_theta, c.rope_factor)
         k_BxTxKxD = rotary_embedding(project("k_proj", K, "kv_heads"), positions_BxT, c.rope_theta, c.rope_factor)
-        v_BxTxKxD = project("v_proj", K, "kv_heads")
+        k_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3)
+        v_BxKxTxD = project("v_proj", K, "kv_heads").transpose(0, 2, 1, 3)
 
         if cache is not None:
-            start = (layer, 0, cache_index, 0, 0)
-            cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k_BxTxKxD[None].astype(cache.k.dtype), start),
-                            v=jax.lax.dynamic_update_slice(cache.v, v_BxTxKxD[None].astype(cache.v.dtype), start))
-            k_BxSxKxD = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False)
-            v_BxSxKxD = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False)
+            start = (layer, 0, 0, cache_index, 0)
+            cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k_BxKxTxD[None].astype(cache.k.dtype), start),
+                            v=jax.lax.dynamic_update_slice(cache.v, v_BxKxTxD[None].astype(cache.v.dtype), start))
+            k_BxKxSxD = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False)
+            v_BxKxSxD = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False)
         else:
-            k_BxSxKxD, v_BxSxKxD = k_BxTxKxD, v_BxTxKxD
+            k_BxKxSxD, v_BxKxSxD = k_BxKxTxD, v_BxKxTxD
 
         B, T = x_BxTxE.shape[:2]
         q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
-        scores_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD.astype(dtype),
-                                      preferred_element_type=jnp.float32) * D**-0.5
-        # A finite floor, not -inf: a padding query that sees no key gets a uniform (unused) row, not NaN.
-        scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-        probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
-        out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS, v_BxSxKxD.astype(dtype))
+        out_BxTxKxGxD = attend(q_BxTxKxGxD, k_BxKxSxD.astype(dtype), v_BxKxSxD.astype(dtype), mask_BxTxS)
         out_BxTxHxD = constrain(out_BxTxKxGxD.reshape(B, T, H, D), ("batch", "length", "heads", "head_dim"))
         y_BxTxE = Linear(c, "bthd,hde->bte", (H, D, E), ("heads", "head_dim", "embed"), name="o_proj")(out_BxTxHxD)
         return constrain(y_BxTxE, ("batch", "length", "act_embed")), cache
@@ -412,10 +435,47 @@ class DecoderLayer(nn.Module):
         return (x_BxTxE, cache), None
 
 
+def causal_mask(attention_mask_BxS, num_queries: int, cache_index=0):
+    """[B, T, S] visibility: query t (at slot cache_index + t) sees real key slots s <= its own."""
+    S = attention_mask_BxS.shape[1]
+    query_slot_T = cache_index + jnp.arange(num_queries)
+    causal_TxS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
+    return causal_TxS[None] & attention_mask_BxS.astype(bool)[:, None, :]
+
+
 class Qwen2ForCausalLM(nn.Module):
     config: Qwen2Config
 
-    @nn.compact
+    def setup(self):
+        c = self.config
+        self.embed_tokens = _param(self, "embed_tokens", _normal(c), (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+        block = DecoderLayer
+        if c.remat_policy != "none":
+            block = nn.remat(DecoderLayer, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c)
+        self.norm = RMSNorm(c)
+        if not c.tie_word_embeddings:
+            self.lm_head = _param(self, "lm_head", _normal(c), (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+
+    def embed(self, tokens_BxT):
+        x_BxTxE = jnp.take(self.embed_tokens, tokens_BxT, axis=0).astype(self.config.compute_dtype)
+        return constrain(x_BxTxE, ("batch", "length", "act_embed"))
+
+    def head(self, x_BxTxE, return_hidden: bool = False):
+        """Final norm, then float32 logits (or the normed hidden states)."""
+        hidden_BxTxE = self.norm(x_BxTxE)
+        if return_hidden:
+            return hidden_BxTxE
+        head_VxE = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        return project_to_vocab(self.config, head_VxE, hidden_BxTxE)
+
     def __call__(self, tokens_BxT, positions_BxT, attention_mask_BxS, cache: KVCache | None = None,
                  cache_index=0, *, return_hidden: bool = False):
         """Logits [B, T, vocab] in float32 (or final hidden states), and the updated cache.
@@ -423,40 +483,41 @@ class Qwen2ForCausalLM(nn.Module):
         attention_mask_BxS marks real tokens (1) and padding (0) over the key slots: the T inputs
         without a cache, the whole cache (including the T slots being written) with one.
         """
-        c = self.config
-        embed_VxE = _param(self, "embed_tokens", _normal(c), (c.vocab_size, c.hidden_size), ("vocab", "embed"))
-        x_BxTxE = constrain(jnp.take(embed_VxE, tokens_BxT, axis=0).astype(c.compute_dtype),
-                            ("batch", "length", "act_embed"))
-
-        T, S = tokens_BxT.shape[1], attention_mask_BxS.shape[1]
-        query_slot_T = cache_index + jnp.arange(T)
-        causal_TxS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
-        mask_BxTxS = causal_TxS[None] & attention_mask_BxS.astype(bool)[:, None, :]
-
-        block = DecoderLayer
-        if c.remat_policy != "none":
-            block = nn.remat(DecoderLayer, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
-        layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=c.num_hidden_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, name="layers")
+        x_BxTxE = self.embed(tokens_BxT)
+        mask_BxTxS = causal_mask(attention_mask_BxS, tokens_BxT.shape[1], cache_index)
         if cache is not None:
             cache = KVCache(k=constrain(cache.k, CACHE_AXES), v=constrain(cache.v, CACHE_AXES))
-        (x_BxTxE, new_cache), _ = layers((x_BxTxE, cache), jnp.arange(c.num_hidden_layers), positions_BxT,
-                                         mask_BxTxS, cache_index)
+        (x_BxTxE, cache), _ = self.layers((x_BxTxE, cache), jnp.arange(self.config.num_hidden_layers),
+                                          positions_BxT, mask_BxTxS, cache_index)
+        return self.head(x_BxTxE, return_hidden), cache
 
-        hidden_BxTxE = RMSNorm(c, name="norm")(x_BxTxE)
-        if return_hidden:
-            return hidden_BxTxE, new_cache
-        if c.tie_word_embeddings:
-            head_VxE = embed_VxE
-        else:
-            head_VxE = _param(self, "lm_head", _normal(c), (c.vocab_size, c.hidden_size), ("vocab", "embed"))
-        return project_to_vocab(c, head_VxE, hidden_BxTxE), new_cache
+
+def unstack_layers(params) -> list:
+    """The stacked layer weights as one parameter tree per layer (copies them once)."""
+    stacked = params["layers"]
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    return [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(n)]
+
+
+def apply_unrolled(config: Qwen2Config, params, layers: list, tokens_BxT, positions_BxT, attention_mask_BxS,
+                   caches: list[KVCache], cache_index):
+    """Qwen2ForCausalLM's cached call with the layer loop written out: logits and the new caches.
+
+    `layers` holds one parameter tree per layer (`unstack_layers`) and `caches` one KVCache of shape
+    [1, B, K, S, D] per layer, so a step reads every weight and cache buffer in place. XLA:CPU
+    copies a layer's slice out of stacked weights and caches at every scanned step, which costs
+    more than the step's arithmetic for small batches; accelerators fuse that slice into the
+    matmul, so there the scanned `Qwen2ForCausalLM` is the one to use.
+    """
+    model = Qwen2ForCausalLM(config)
+    x_BxTxE = model.apply({"params": params}, tokens_BxT, method=Qwen2ForCausalLM.embed)
+    mask_BxTxS = causal_mask(attention_mask_BxS, tokens_BxT.shape[1], cache_index)
+    new_caches = []
+    for layer_params, cache in zip(layers, caches, strict=True):
+        (x_BxTxE, cache), _ = DecoderLayer(config).apply({"params": layer_params}, (x_BxTxE, cache), 0,
+                                                         positions_BxT, mask_BxTxS, cache_index)
+        new_caches.append(cache)
+    return model.apply({"params": params}, x_BxTxE, method=Qwen2ForCausalLM.head), new_caches
 
 
 def project_to_vocab(config: Qwen2Config, head_VxE, hidden_BxTxE):
