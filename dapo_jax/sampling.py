@@ -6,7 +6,9 @@
 
 Everything after the host-side padding runs inside one `jax.jit`; the loop is a `lax.while_loop`
 that exits as soon as every row has emitted an end-of-sequence id, so a batch of short answers does
-not pay for the longest possible one.
+not pay for the longest possible one. On accelerators it runs in segments whose attention span
+doubles (128, 256, ... new tokens), so early steps do not read the empty end of the preallocated
+cache.
 
 Sampling is a chain of small pieces over the logits of each row: temperature, top-k, top-p, then one
 categorical draw. The log-probability returned for each token is under that final (scaled,
@@ -92,26 +94,29 @@ def top_p_mask(sorted_logits_NxC, top_p: float):
     return jnp.where(before < top_p, sorted_logits_NxC, -jnp.inf)
 
 
-def categorical(key, logp_NxC):
-    """One exact draw per row from softmax(logp), using O(sqrt(C)) random numbers instead of C.
+def categorical(uniform_Nx2, weights_NxC):
+    """One draw per row in proportion to non-negative `weights` (unnormalised probabilities).
 
-    The C candidates are cut into blocks of b ~ sqrt(C); a block is drawn by its total probability,
-    then a candidate within it: P(c) = P(block) * P(c | block). Gumbel-max over all C candidates
-    would generate C random numbers per row, which dominates a decode step on a large vocabulary.
+    Inverse CDF in two stages: the C candidates are cut into blocks of b ~ sqrt(C); the first
+    uniform picks a block by its total weight, the second a candidate inside it,
+    P(c) = P(block) * P(c | block). Two uniforms per row replace the C random numbers of Gumbel-max.
     """
-    N, C = logp_NxC.shape
+    N, C = weights_NxC.shape
     b = 1 << max(0, math.ceil(math.log2(math.sqrt(C))))
     n_blocks = -(-C // b)
-    padded = jnp.pad(logp_NxC, ((0, 0), (0, n_blocks * b - C)), constant_values=-jnp.inf)
-    blocks_NxBxb = padded.reshape(N, n_blocks, b)
-    block_key, inner_key = jax.random.split(key)
-    block_N = jax.random.categorical(block_key, jax.nn.logsumexp(blocks_NxBxb, axis=-1), axis=-1)
-    inner_Nxb = jnp.take_along_axis(blocks_NxBxb, block_N[:, None, None], axis=1)[:, 0]
-    return block_N * b + jax.random.categorical(inner_key, inner_Nxb, axis=-1)
+    weights_NxBxb = jnp.pad(weights_NxC, ((0, 0), (0, n_blocks * b - C))).reshape(N, n_blocks, b)
+    u_Nx2 = 1.0 - uniform_Nx2  # in (0, 1]: a target of 0 could land on a zero-weight entry
+
+    def first_reaching(cumulative, u):  # first index whose cumulative weight reaches u * total
+        return jnp.minimum(jnp.sum(cumulative < u[:, None] * cumulative[:, -1:], axis=-1), cumulative.shape[-1] - 1)
+
+    block_N = first_reaching(jnp.cumsum(weights_NxBxb.sum(-1), axis=-1), u_Nx2[:, 0])
+    inner_Nxb = jnp.take_along_axis(weights_NxBxb, block_N[:, None, None], axis=1)[:, 0]
+    return block_N * b + first_reaching(jnp.cumsum(inner_Nxb, axis=-1), u_Nx2[:, 1])
 
 
-def sample_tokens(logits_NxV, key, sampling: SamplingConfig):
-    """(token ids [N], their log-probabilities [N]) from one row of logits each."""
+def sample_tokens(logits_NxV, uniform_Nx2, sampling: SamplingConfig):
+    """(token ids [N], their log-probabilities [N]) from one row of logits and two uniforms each."""
     logits_NxV = logits_NxV.astype(jnp.float32)
     if sampling.greedy:
         token_N = jnp.argmax(logits_NxV, axis=-1)
@@ -128,9 +133,12 @@ def sample_tokens(logits_NxV, key, sampling: SamplingConfig):
         candidates = scaled_NxV
     if sampling.top_p < 1.0:
         candidates = top_p_mask(candidates, sampling.top_p)
-    logp_NxC = jax.nn.log_softmax(candidates, axis=-1)
-    choice_N = categorical(key, logp_NxC)
-    logprob_N = jnp.take_along_axis(logp_NxC, choice_N[:, None], axis=-1)[:, 0]
+    # One pass of exp: unnormalised weights for the draw, and log Z for the chosen token's log-prob.
+    shift_N1 = jnp.max(candidates, axis=-1, keepdims=True)
+    weights_NxC = jnp.exp(candidates - shift_N1)
+    log_z_N = jnp.log(jnp.sum(weights_NxC, axis=-1))
+    choice_N = categorical(uniform_Nx2, weights_NxC)
+    logprob_N = jnp.take_along_axis(candidates - shift_N1, choice_N[:, None], axis=-1)[:, 0] - log_z_N
     token_N = choice_N if candidate_ids is None else jnp.take_along_axis(candidate_ids, choice_N[:, None], -1)[:, 0]
     return token_N.astype(jnp.int32), logprob_N
 
@@ -180,7 +188,9 @@ def _generate(config: Qwen2Config, sampling: SamplingConfig, params, prompt_BxP,
         def step_logits(tokens, positions, key_mask, cache, slot):
             return model.apply({"params": params}, tokens, positions, key_mask, cache, slot)
     key_mask_NxS = jnp.pad(jnp.repeat(prompt_mask_BxP, G, axis=0), ((0, 0), (0, M - 1)))
-    token_N, logprob_N = sample_tokens(jnp.repeat(last_logits_BxV, G, axis=0), jax.random.fold_in(rng, 0), sampling)
+    # All the randomness of the generation, drawn at once: the loop then needs no RNG calls.
+    uniforms_MxNx2 = sharding.constrain(jax.random.uniform(rng, (M, N, 2)), (None, "batch", None))
+    token_N, logprob_N = sample_tokens(jnp.repeat(last_logits_BxV, G, axis=0), uniforms_MxNx2[0], sampling)
 
     row = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
     state = DecodeState(
@@ -194,15 +204,15 @@ def _generate(config: Qwen2Config, sampling: SamplingConfig, params, prompt_BxP,
         cache=cache,
     )
 
-    def keep_going(s: DecodeState):
-        return (s.step < M) & ~jnp.all(s.done_N)
-
-    def decode_one(s: DecodeState):
+    def decode_one(s: DecodeState, span: int):
+        """Feed token step-1, sample token step; attention reads only the first `span` cache slots."""
         slot = P + s.step - 1  # where the previous token's keys and values go
         fed_N = jax.lax.dynamic_index_in_dim(s.tokens_NxM, s.step - 1, axis=1, keepdims=False)
         key_mask = jax.lax.dynamic_update_index_in_dim(s.key_mask_NxS, jnp.ones((N,), s.key_mask_NxS.dtype), slot, 1)
-        logits_Nx1xV, cache = step_logits(fed_N[:, None], s.next_position_N[:, None], key_mask, s.cache, slot)
-        token_N, logprob_N = sample_tokens(logits_Nx1xV[:, 0], jax.random.fold_in(rng, s.step), sampling)
+        logits_Nx1xV, cache = step_logits(fed_N[:, None], s.next_position_N[:, None], key_mask[:, :span], s.cache,
+                                          slot)
+        uniform_Nx2 = jax.lax.dynamic_index_in_dim(uniforms_MxNx2, s.step, axis=0, keepdims=False)
+        token_N, logprob_N = sample_tokens(logits_Nx1xV[:, 0], uniform_Nx2, sampling)
         live_N = ~s.done_N
         token_N = jnp.where(live_N, token_N, 0)
         logprob_N = jnp.where(live_N, logprob_N, 0.0)
@@ -217,8 +227,23 @@ def _generate(config: Qwen2Config, sampling: SamplingConfig, params, prompt_BxP,
             cache=cache,
         )
 
-    state = jax.lax.while_loop(keep_going, decode_one, state)
+    # On accelerators the loop runs in segments whose attention span doubles, so a step reads at
+    # most about twice the cache it has filled, not the whole preallocated length (the span's slice
+    # fuses into the attention reduction there). XLA:CPU would copy that slice at every step, which
+    # costs more than it saves, so the unrolled CPU loop attends over the whole cache.
+    for end in segment_ends(M) if sampling.layer_loop == "scan" else [M]:
+        state = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done_N),
+                                   functools.partial(decode_one, span=P + end - 1), state)
     return state.tokens_NxM, state.logprobs_NxM, state.lengths_N, ~state.done_N, state.step - 1
+
+
+def segment_ends(max_new_tokens: int, first: int = 128) -> list[int]:
+    """Token counts at which the decode loop's attention span grows: 128, 256, 512, ..., max."""
+    ends, end = [], first
+    while end < max_new_tokens:
+        ends.append(end)
+        end *= 2
+    return ends + [max_new_tokens]
 
 
 def _batch_multiple(mesh) -> int:

@@ -193,7 +193,9 @@ def test_bad_requests_say_what_to_change(model, kwargs, message):
 
 def test_scan_and_unrolled_layer_loops_give_the_same_tokens(model):
     config, params = model
-    kwargs = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, num_samples=2, seed=4)
+    # 150 new tokens: the scan loop crosses its first attention-span segment (128) on the way.
+    assert sampling.segment_ends(150) == [128, 150]
+    kwargs = dict(max_new_tokens=150, temperature=1.0, top_p=0.9, num_samples=2, seed=4)
     scan = dapo_jax.generate(config, params, PROMPTS, layer_loop="scan", **kwargs)
     unrolled = dapo_jax.generate(config, params, PROMPTS, layer_loop="unrolled", **kwargs)
     assert scan.tokens == unrolled.tokens
@@ -207,8 +209,8 @@ def test_two_stage_categorical_draw_is_exact():
     want = np.exp(logits - logits.max())
     want /= want.sum()
     n = 40_000
-    logp = jax.nn.log_softmax(jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, 37)))
-    draws = np.asarray(sampling.categorical(jax.random.key(0), logp))
+    weights = jnp.exp(jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, 37)))  # unnormalised
+    draws = np.asarray(sampling.categorical(jax.random.uniform(jax.random.key(0), (n, 2)), weights))
     counts = np.bincount(draws, minlength=37)
     assert counts[3] == counts[20] == 0 and draws.max() < 37
     assert chi_square_pvalue(counts, want, n) > 1e-3

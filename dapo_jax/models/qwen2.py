@@ -390,8 +390,11 @@ class Attention(nn.Module):
             start = (layer, 0, 0, cache_index, 0)
             cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k_BxKxTxD[None].astype(cache.k.dtype), start),
                             v=jax.lax.dynamic_update_slice(cache.v, v_BxKxTxD[None].astype(cache.v.dtype), start))
-            k_BxKxSxD = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False)
-            v_BxKxSxD = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False)
+            # Attend over the slots the mask covers; it may be shorter than the cache (the sampler
+            # leaves the not-yet-written end out).
+            span = mask_BxTxS.shape[-1]
+            k_BxKxSxD = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False)[:, :, :span]
+            v_BxKxSxD = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False)[:, :, :span]
         else:
             k_BxKxSxD, v_BxKxSxD = k_BxKxTxD, v_BxKxTxD
 
@@ -481,7 +484,8 @@ class Qwen2ForCausalLM(nn.Module):
         """Logits [B, T, vocab] in float32 (or final hidden states), and the updated cache.
 
         attention_mask_BxS marks real tokens (1) and padding (0) over the key slots: the T inputs
-        without a cache, the whole cache (including the T slots being written) with one.
+        without a cache; with one, the first S slots of the cache (including the T being written),
+        and attention reads only those S slots.
         """
         x_BxTxE = self.embed(tokens_BxT)
         mask_BxTxS = causal_mask(attention_mask_BxS, tokens_BxT.shape[1], cache_index)
