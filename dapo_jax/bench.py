@@ -5,8 +5,9 @@
 
 `--checkpoint` is a Hugging Face directory or "random:<preset>[,field=value...]" (random weights of
 that shape; see dapo_jax.models.loading). With --vs-transformers the same weights run through
-Hugging Face transformers' `generate` with the same sampling settings in the same process, and the
-line carries both rates and their ratio. Every row generates exactly --new-tokens tokens (no
+Hugging Face transformers' `generate` with the same sampling settings in the same process, timed in
+alternating rounds, and the line carries both median rates and the median, min and max of the
+per-round ratios. Every row generates exactly --new-tokens tokens (no
 end-of-sequence id stops it), so tokens/s is batch * new_tokens / seconds.
 """
 
@@ -24,21 +25,14 @@ from dapo_jax import hf, sampling
 from dapo_jax.models.loading import load_model
 
 
-def _time(fn, repeats: int) -> tuple[float, float]:
-    """(seconds of the first call, median seconds of `repeats` further calls)."""
+def _seconds(fn) -> float:
     start = time.perf_counter()
     fn()
-    first = time.perf_counter() - start
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return first, float(np.median(runs))
+    return time.perf_counter() - start
 
 
-def transformers_tokens_per_s(config, params, prompts, args) -> float:
-    """New tokens/s of transformers' sampling `generate` on the same weights (float32, CPU)."""
+def transformers_generate(config, params, prompts, args):
+    """A function that runs transformers' sampling `generate` on the same weights (float32, CPU)."""
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -50,15 +44,13 @@ def transformers_tokens_per_s(config, params, prompts, args) -> float:
     kwargs = dict(attention_mask=torch.ones_like(inputs), do_sample=True, temperature=args.temperature,
                   top_p=args.top_p, top_k=args.top_k, eos_token_id=None, pad_token_id=0)
 
-    def run(n):
+    def run(n=args.new_tokens):
         with torch.no_grad():
             out = model.generate(inputs, max_new_tokens=n, min_new_tokens=n, **kwargs)
         assert out.shape == (len(prompts), len(prompts[0]) + n)
 
     run(8)  # warm-up
-    start = time.perf_counter()
-    run(args.new_tokens)
-    return len(prompts) * args.new_tokens / (time.perf_counter() - start)
+    return run
 
 
 def bench_sampler(args) -> dict:
@@ -71,20 +63,30 @@ def bench_sampler(args) -> dict:
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         assert sum(out.lengths) == args.batch * args.new_tokens
 
-    first, steady = _time(run, args.repeats)
+    first = _seconds(run)
+    ours = [_seconds(run) for _ in range(args.repeats)]
+    tokens = args.batch * args.new_tokens
     result = {
         "bench": "sampler", "model": args.checkpoint,
         "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "dtype": args.dtype,
-        "tokens_per_s": round(args.batch * args.new_tokens / steady, 1),
-        "compile_s": round(first - steady, 2),  # first call minus a steady call
-        "step_ms": round(1000 * steady / args.new_tokens, 3),
+        "compile_s": round(first - float(np.median(ours)), 2),  # first call minus a steady call
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
     }
     if args.vs_transformers:
-        peer = transformers_tokens_per_s(config, params, prompts, args)
-        result.update(transformers_tokens_per_s=round(peer, 1), torch_threads=args.torch_threads,
-                      ratio_vs_transformers=round(result["tokens_per_s"] / peer, 2))
+        # Alternate the two in rounds, so that a slow moment of a shared machine hits both.
+        peer_run = transformers_generate(config, params, prompts, args)
+        peer = []
+        for _ in range(args.rounds):
+            peer.append(_seconds(peer_run))
+            ours.append(_seconds(run))
+        ratios = sorted(p / o for p, o in zip(peer, ours[-args.rounds:]))
+        result.update(transformers_tokens_per_s=round(tokens / float(np.median(peer)), 1),
+                      torch_threads=args.torch_threads, rounds=args.rounds,
+                      ratio_vs_transformers=round(float(np.median(ratios)), 2),
+                      ratio_min=round(ratios[0], 2), ratio_max=round(ratios[-1], 2))
+    steady = float(np.median(ours))
+    result.update(tokens_per_s=round(tokens / steady, 1), step_ms=round(1000 * steady / args.new_tokens, 3))
     return result
 
 
@@ -105,6 +107,7 @@ def main(argv=None):
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--vs-transformers", action="store_true", help="also time transformers' generate (float32)")
     s.add_argument("--torch-threads", type=int, default=2)
+    s.add_argument("--rounds", type=int, default=3, help="alternating timed rounds of each, with --vs-transformers")
     args = parser.parse_args(argv)
     if args.vs_transformers and args.dtype != "float32":
         parser.error("--vs-transformers compares float32 on CPU; drop --dtype or the comparison")
