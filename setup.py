@@ -24,6 +24,7 @@ EXTRAS_REQUIRE = {
         "pytest==9.2.0",
         "torch==2.13.0",
         "transformers==5.23.0",
+        "matplotlib==3.11.2",  # the loss-math notebook draws the overlong penalty
     ],
 }
 

@@ -1,0 +1,211 @@
+"""The paper's equations, checked against values worked out by hand."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dapo_jax import algorithm
+from dapo_jax.algorithm import aggregate, group_advantages, policy_loss
+from dapo_jax.rewards.overlong import overlong_filter_weights, overlong_penalty
+
+# -- group advantages -------------------------------------------------------------------------------
+
+
+def test_advantage_is_centred_and_divided_by_the_unbiased_std():
+    adv = group_advantages([1.0, -1.0, -1.0, 1.0], ["q"] * 4)
+    std = math.sqrt(4 / 3)  # unbiased: sum of squares 4 over N - 1 = 3
+    np.testing.assert_allclose(adv, np.array([1, -1, -1, 1]) / (std + 1e-6), rtol=1e-6)
+
+
+def test_groups_are_normalised_separately_whatever_their_order():
+    adv = group_advantages([1.0, 0.0, 3.0, 2.0, 5.0], ["a", "b", "a", "b", "b"])
+    np.testing.assert_allclose(adv[[0, 2]], [-1 / (math.sqrt(2) + 1e-6), 1 / (math.sqrt(2) + 1e-6)], rtol=1e-6)
+    np.testing.assert_allclose(adv[[1, 3, 4]], np.array([-7 / 3, -1 / 3, 8 / 3]) / (np.std([0, 2, 5], ddof=1) + 1e-6),
+                               rtol=1e-6)
+
+
+def test_all_equal_group_and_single_answer_group_get_zero():
+    np.testing.assert_array_equal(group_advantages([1.0, 1.0, 1.0, 0.5], [0, 0, 0, 1]), [0, 0, 0, 0])
+
+
+def test_dr_grpo_advantage_is_not_divided_by_std():
+    np.testing.assert_allclose(group_advantages([1.0, -1.0, -1.0], [7] * 3, norm_by_std=False),
+                               [4 / 3, -2 / 3, -2 / 3], rtol=1e-6)
+
+
+def test_bad_advantage_inputs_are_rejected():
+    with pytest.raises(ValueError, match="equal-length"):
+        group_advantages([1.0, 2.0], [0])
+    with pytest.raises(ValueError, match="finite"):
+        group_advantages([1.0, float("nan")], [0, 0])
+
+
+# -- the clip ------------------------------------------------------------------------------------------
+
+
+def one_token_loss(ratio, advantage, **kwargs):
+    logp = jnp.log(jnp.array([[ratio]], jnp.float32))
+    loss, metrics = policy_loss(logp, jnp.zeros((1, 1)), jnp.array([advantage]), jnp.ones((1, 1)), **kwargs)
+    return float(loss), {k: float(v) for k, v in metrics.items()}
+
+
+@pytest.mark.parametrize("ratio, advantage, want, clipped, high, low", [
+    (1.5, 1.0, -1.28, 1, 1, 0),   # A > 0, ratio above 1 + eps_high: clipped, gradient stops
+    (0.5, 1.0, -0.5, 0, 0, 0),    # A > 0, ratio below 1 - eps_low: not clipped (pushing up is fine)
+    (0.5, -1.0, 0.8, 1, 0, 1),    # A < 0, ratio below 1 - eps_low: clipped
+    (1.5, -1.0, 1.5, 0, 0, 0),    # A < 0, ratio above 1 + eps_high: not clipped (pushing down is fine)
+    (1.1, 2.0, -2.2, 0, 0, 0),    # inside the trust region: -A r
+])
+def test_each_clip_region(ratio, advantage, want, clipped, high, low):
+    loss, m = one_token_loss(ratio, advantage)
+    assert loss == pytest.approx(want, rel=1e-6)
+    assert (m["clip_frac"], m["clip_frac_high"], m["clip_frac_low"]) == (clipped, high, low)
+
+
+def test_clip_higher_lets_a_positive_advantage_token_grow_further():
+    symmetric, _ = one_token_loss(1.25, 1.0, clip_low=0.2, clip_high=0.2)
+    decoupled, _ = one_token_loss(1.25, 1.0, clip_low=0.2, clip_high=0.28)
+    assert symmetric == pytest.approx(-1.2) and decoupled == pytest.approx(-1.25)
+
+
+def test_dual_clip_bounds_the_loss_of_negative_advantages():
+    loss, m = one_token_loss(5.0, -1.0, clip_c=3.0)
+    assert loss == pytest.approx(3.0) and m["dual_clip_frac"] == 1.0
+    loss, m = one_token_loss(2.0, -1.0, clip_c=3.0)  # below the bound: unchanged
+    assert loss == pytest.approx(2.0) and m["dual_clip_frac"] == 0.0
+    loss, m = one_token_loss(5.0, 1.0, clip_c=3.0)  # positive advantages are never dual-clipped
+    assert loss == pytest.approx(-1.28) and m["dual_clip_frac"] == 0.0
+
+
+def test_gradient_matches_the_analytic_form():
+    rng = np.random.RandomState(0)
+    B, T = 4, 6
+    logp = jnp.asarray(np.log(rng.uniform(0.05, 0.9, (B, T))), jnp.float32)
+    old = logp + jnp.asarray(rng.uniform(-0.6, 0.6, (B, T)), jnp.float32)
+    adv = jnp.asarray([1.5, -0.7, 0.3, -2.0], jnp.float32)
+    mask = jnp.asarray(rng.uniform(size=(B, T)) < 0.8, jnp.float32).at[1, 2].set(1.0)
+    old = old.at[1, 2].set(logp[1, 2] - math.log(4.0))  # ratio 4 with A < 0: the dual clip holds
+    grad = jax.grad(lambda lp: policy_loss(lp, old, adv, mask, clip_c=3.0)[0])(logp)
+    # d(-A r)/d logp = -A r where the unclipped branch is taken; 0 where a clip holds the loss constant.
+    r = np.exp(np.asarray(logp - old))
+    A = np.asarray(adv)[:, None] * np.ones((B, T))
+    clipped = np.where(A > 0, r > 1.28, r < 0.8)
+    dual = (A < 0) & (-A * r > -A * 3.0)
+    want = np.where(clipped | dual, 0.0, -A * r) * np.asarray(mask) / np.asarray(mask).sum()
+    assert clipped.any() and (~clipped).any() and dual.any()
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5, atol=1e-8)
+
+
+# -- aggregation ---------------------------------------------------------------------------------------
+
+LOSSES = jnp.array([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [7.0, 7.0, 7.0]])
+MASK = jnp.array([[1, 1, 1], [1, 0, 0], [0, 0, 0]])  # a 3-token answer, a 1-token answer, an empty row
+
+
+@pytest.mark.parametrize("mode, want", [
+    ("token-mean", (1 + 2 + 3 + 4) / 4),
+    ("seq-mean-token-mean", (6 / 3 + 4 / 1) / 2),
+    ("seq-mean-token-sum", (6 + 4) / 2),
+    ("seq-mean-token-sum-norm", (6 + 4) / 3),
+])
+def test_each_aggregation_mode(mode, want):
+    assert float(aggregate(LOSSES, MASK, mode)) == pytest.approx(want)
+    # Through the loss: with ratio 1 every token's loss is -A, so the loss is -aggregate(A).
+    loss, _ = policy_loss(jnp.zeros((3, 3)), jnp.zeros((3, 3)), -LOSSES, MASK, agg_mode=mode)
+    assert float(loss) == pytest.approx(want)
+
+
+def test_sum_norm_takes_a_constant():
+    assert float(aggregate(LOSSES, MASK, "seq-mean-token-sum-norm", norm_constant=5.0)) == pytest.approx(2.0)
+
+
+def test_token_level_loss_weighs_long_answers_by_their_length():
+    # One long (3 tokens) and one short (1 token) answer: per token, the long one counts 3x in
+    # token-mean but the two count equally per sample in seq-mean-token-mean.
+    grad_token = jax.grad(lambda x: aggregate(x, MASK, "token-mean"))(LOSSES)
+    grad_seq = jax.grad(lambda x: aggregate(x, MASK, "seq-mean-token-mean"))(LOSSES)
+    np.testing.assert_allclose(grad_token[:2], [[0.25] * 3, [0.25, 0, 0]])
+    np.testing.assert_allclose(grad_seq[:2], [[1 / 6] * 3, [0.5, 0, 0]])
+
+
+def test_slices_with_global_counts_add_up_to_the_whole():
+    whole = float(aggregate(LOSSES, MASK, "token-mean"))
+    parts = sum(float(aggregate(LOSSES[i:i + 1], MASK[i:i + 1], "token-mean", num_tokens=4.0)) for i in range(3))
+    assert parts == pytest.approx(whole)
+    whole = float(aggregate(LOSSES, MASK, "seq-mean-token-mean"))
+    parts = sum(float(aggregate(LOSSES[i:i + 1], MASK[i:i + 1], "seq-mean-token-mean", num_sequences=2))
+                for i in range(3))
+    assert parts == pytest.approx(whole)
+
+
+# -- metrics and the GRPO terms ---------------------------------------------------------------------
+
+
+def test_metrics_are_token_means():
+    logp = jnp.log(jnp.array([[0.5, 0.25, 0.9]]))
+    old = logp + jnp.array([[0.1, -0.3, 0.5]])
+    _, m = policy_loss(logp, old, jnp.array([1.0]), jnp.array([[1, 1, 0]]))
+    assert float(m["approx_kl"]) == pytest.approx((0.1 - 0.3) / 2)
+    assert float(m["token_prob"]) == pytest.approx((0.5 + 0.25) / 2)
+
+
+def test_kl_penalty_uses_the_k3_estimator_and_entropy_bonus_lowers_the_loss():
+    logp, mask, adv = jnp.zeros((1, 2)), jnp.ones((1, 2)), jnp.array([0.0])
+    k3 = math.exp(0.5) - 0.5 - 1  # ref - logp = 0.5
+    loss, m = policy_loss(logp, logp, adv, mask, ref_logp=logp + 0.5, kl_coef=0.1)
+    assert float(loss) == pytest.approx(0.1 * k3) and float(m["ref_kl"]) == pytest.approx(k3)
+    loss, m = policy_loss(logp, logp, adv, mask, entropy=jnp.full((1, 2), 2.0), entropy_coef=0.01)
+    assert float(loss) == pytest.approx(-0.02) and float(m["entropy"]) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(clip_c=1.0), "must be > 1"),
+    (dict(agg_mode="mean"), "agg_mode='mean'"),
+    (dict(kl_coef=0.1), "needs ref_logp"),
+    (dict(entropy_coef=0.1), "needs the per-token entropy"),
+])
+def test_bad_loss_settings_say_what_to_change(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        policy_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), jnp.ones((1, 2)), **kwargs)
+
+
+def test_token_logprobs_and_entropy():
+    logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25]]]))
+    logp, entropy = algorithm.token_logprobs_and_entropy(logits, jnp.array([[1]]))
+    assert float(logp[0, 0]) == pytest.approx(math.log(0.25), rel=1e-6)
+    assert float(entropy[0, 0]) == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25)), rel=1e-6)
+
+
+# -- overlong shaping ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length, want", [
+    (0, 0.0), (16384, 0.0),            # within the expected length
+    (16385, -1 / 4096), (18432, -0.5),  # the linear ramp through the buffer
+    (20480, -1.0), (30000, -1.0),      # at and beyond the maximum
+])
+def test_soft_overlong_punishment_with_the_papers_lengths(length, want):
+    assert overlong_penalty(length, max_response_length=20480, buffer_length=4096) == pytest.approx(want)
+
+
+def test_overlong_penalty_scales_and_vectorises():
+    got = overlong_penalty(np.array([10, 14, 16]), max_response_length=16, buffer_length=4, penalty_factor=0.5)
+    np.testing.assert_allclose(got, [0.0, -0.25, -0.5])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(length=5, max_response_length=16, buffer_length=0), "buffer_length=0"),
+    (dict(length=5, max_response_length=16, buffer_length=20), "buffer_length=20"),
+    (dict(length=5.5, max_response_length=16, buffer_length=4), "token count"),
+    (dict(length=-1, max_response_length=16, buffer_length=4), "token count"),
+])
+def test_overlong_penalty_rejects_nonsense(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        overlong_penalty(kwargs.pop("length"), **kwargs)
+
+
+def test_overlong_filtering_zeroes_truncated_answers():
+    np.testing.assert_array_equal(overlong_filter_weights([True, False, True]), [0.0, 1.0, 0.0])
