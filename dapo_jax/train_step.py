@@ -198,13 +198,30 @@ def make_train_step(config: Qwen2Config, loss_config: LossConfig, optimizer: opt
         metrics = {k: jnp.sum(v) if k in summed else jnp.mean(v) for k, v in metrics.items()}
         return state.replace(step=state.step + 1), metrics
 
-    jitted = jax.jit(train_step, donate_argnums=0)
+    if mesh is None:
+        jitted = jax.jit(train_step, donate_argnums=0)
+
+        def run(state: TrainState, batch: dict):
+            check_batch(batch, num_minibatches, num_microbatches)
+            return jitted(state, batch)
+
+        return run
+
+    # On a mesh the layouts are fixed: the state keeps the shardings it was created with (params by
+    # the logical-axis rules, optimizer moments like their params), batch rows are split over the
+    # data-parallel axes, metrics are replicated.
+    rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    compiled: dict = {}
 
     def run(state: TrainState, batch: dict):
         check_batch(batch, num_minibatches, num_microbatches, mesh)
-        if mesh is None:
-            return jitted(state, batch)
+        if "step" not in compiled:
+            state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+            compiled["step"] = jax.jit(
+                train_step, donate_argnums=0,
+                in_shardings=(state_shardings, {k: rows for k in batch}),
+                out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
         with jax.set_mesh(mesh):
-            return jitted(state, batch)
+            return compiled["step"](state, batch)
 
     return run
