@@ -48,8 +48,13 @@ def group_advantages(rewards: Sequence[float], group_ids: Sequence[Hashable], *,
     return advantages.astype(np.float32)
 
 
+def _masked_sum(x, mask, axis=None):
+    """sum(x * mask), where a NaN or inf at a masked-out position cannot leak in (NaN * 0 = NaN)."""
+    return jnp.sum(jnp.where(mask > 0, x * mask, 0.0), axis=axis)
+
+
 def _masked_mean(x, mask, denominator=None):
-    return jnp.sum(x * mask) / (jnp.sum(mask) if denominator is None else denominator)
+    return _masked_sum(x, mask) / (jnp.maximum(jnp.sum(mask), 1.0) if denominator is None else denominator)
 
 
 def aggregate(loss_BxT, mask_BxT, agg_mode: str, *, num_tokens=None, num_sequences=None, norm_constant=None):
@@ -68,15 +73,16 @@ def aggregate(loss_BxT, mask_BxT, agg_mode: str, *, num_tokens=None, num_sequenc
         raise ValueError(f"agg_mode={agg_mode!r} is not one of {AGG_MODES}")
     mask_BxT = mask_BxT.astype(loss_BxT.dtype)
     if agg_mode == "token-mean":
-        return jnp.sum(loss_BxT * mask_BxT) / (jnp.sum(mask_BxT) if num_tokens is None else num_tokens)
+        return _masked_sum(loss_BxT, mask_BxT) / (jnp.maximum(jnp.sum(mask_BxT), 1.0) if num_tokens is None
+                                                  else num_tokens)
     if agg_mode == "seq-mean-token-sum-norm":
-        return jnp.sum(loss_BxT * mask_BxT) / (mask_BxT.shape[-1] if norm_constant is None else norm_constant)
+        return _masked_sum(loss_BxT, mask_BxT) / (mask_BxT.shape[-1] if norm_constant is None else norm_constant)
     tokens_B = jnp.sum(mask_BxT, axis=-1)
     present_B = tokens_B > 0
-    seq_B = jnp.sum(loss_BxT * mask_BxT, axis=-1)
+    seq_B = _masked_sum(loss_BxT, mask_BxT, axis=-1)
     if agg_mode == "seq-mean-token-mean":
         seq_B = seq_B / jnp.maximum(tokens_B, 1.0)
-    count = jnp.sum(present_B) if num_sequences is None else num_sequences
+    count = jnp.maximum(jnp.sum(present_B), 1) if num_sequences is None else num_sequences
     return jnp.sum(jnp.where(present_B, seq_B, 0.0)) / count
 
 
@@ -92,7 +98,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
         dual clip (clip_c = c > 1), for A < 0 only:  L = min(L, -A c)
 
     then `aggregate`d by agg_mode. Optional GRPO terms: + kl_coef * aggregate(k3) with
-    k3 = exp(ref - logp) - (ref - logp) - 1 (the low-variance KL estimate to a reference policy),
+    k3 = exp(ref - logp) - (ref - logp) - 1 (the low-variance KL estimate to a reference policy,
+    clamped to [-10, 10] as the reference does; delta is clamped to [-20, 20] likewise),
     and - entropy_coef * aggregate(entropy). num_tokens / num_sequences / norm_constant: see
     `aggregate`.
 
@@ -110,9 +117,14 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
     mask = jnp.asarray(mask).astype(jnp.float32)
     advantages = jnp.asarray(advantages, jnp.float32)
     A_BxT = advantages[:, None] if advantages.ndim == 1 else advantages
-    A_BxT = jnp.broadcast_to(A_BxT, logp.shape)
+    # Masked positions are zeroed before any arithmetic: a NaN there would otherwise reach the
+    # gradient through 0 * NaN in the backward pass even though the forward pass masks it out.
+    valid = mask > 0
+    A_BxT = jnp.where(valid, jnp.broadcast_to(A_BxT, logp.shape), 0.0)
 
-    delta = logp - old_logp
+    # Clamped as in the reference: a ratio of exp(88) would overflow, and 0 * inf in the backward
+    # pass of a clipped token would turn the whole update's gradient into NaN.
+    delta = jnp.clip(jnp.where(valid, logp - old_logp, 0.0), -20.0, 20.0)
     ratio = jnp.exp(delta)
     loss_unclipped = -A_BxT * ratio
     loss_clipped = -A_BxT * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -138,8 +150,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
         "token_prob": _masked_mean(jnp.exp(logp), mask, denominator),
     }
     if ref_logp is not None:
-        log_ref_ratio = jnp.asarray(ref_logp, jnp.float32) - logp
-        k3 = jnp.exp(log_ref_ratio) - log_ref_ratio - 1.0
+        log_ref_ratio = jnp.clip(jnp.where(valid, jnp.asarray(ref_logp, jnp.float32) - logp, 0.0), -20.0, 20.0)
+        k3 = jnp.clip(jnp.exp(log_ref_ratio) - log_ref_ratio - 1.0, -10.0, 10.0)  # clamped as the reference
         metrics["ref_kl"] = _masked_mean(k3, mask, denominator)
         if kl_coef:
             loss = loss + kl_coef * aggregate(k3, mask, agg_mode, **counts)

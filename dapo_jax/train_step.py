@@ -45,13 +45,19 @@ class LossConfig:
     agg_mode: str = "token-mean"
     kl_coef: float = 0.0
     entropy_coef: float = 0.0
-    norm_constant: float | None = None  # seq-mean-token-sum-norm's divisor (default: sequence length)
+    norm_constant: float | None = None  # seq-mean-token-sum-norm's divisor: the maximum response length
+    temperature: float = 1.0  # the rollouts' sampling temperature: log-probs use logits / temperature
 
     def __post_init__(self):
         if self.agg_mode not in algorithm.AGG_MODES:
             raise ValueError(f"agg_mode={self.agg_mode!r} is not one of {algorithm.AGG_MODES}")
         if self.clip_c is not None and self.clip_c <= 1.0:
             raise ValueError(f"clip_c={self.clip_c} must be > 1 (or None to turn the dual clip off)")
+        if self.agg_mode == "seq-mean-token-sum-norm" and not self.norm_constant:
+            raise ValueError("agg_mode='seq-mean-token-sum-norm' divides by a constant: set norm_constant to the "
+                             "maximum response length (rows here also hold the prompt, so their width is not it)")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 (the sampling temperature of the rollouts)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +75,10 @@ class OptimizerConfig:
 
 def make_optimizer(cfg: OptimizerConfig, updates_per_step: int) -> optax.GradientTransformation:
     """clip_by_global_norm, then AdamW; lr ramps to its peak over the first warmup_steps rollout
-    steps (each of `updates_per_step` optimizer updates): lr * min(1, (rollout_step + 1) / warmup)."""
+    steps (each of `updates_per_step` optimizer updates): lr * min(1, (rollout_step + 1) / warmup).
+
+    The schedule counts applied updates, so a skipped (non-finite) update delays the ramp by one.
+    """
     if cfg.warmup_steps > 0:
         def schedule(count):
             rollout_step = count // updates_per_step
@@ -110,12 +119,16 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainSt
     return TrainState(params, opt_state, *counters)
 
 
-def token_logprobs(config: Qwen2Config, params, tokens_BxL, attention_mask_BxL):
-    """(log p(tokens[t] | tokens[<t]), entropy of that distribution), [B, L] float32; column 0 is 0."""
+def token_logprobs(config: Qwen2Config, params, tokens_BxL, attention_mask_BxL, temperature: float = 1.0):
+    """(log p(tokens[t] | tokens[<t]), entropy of that distribution), [B, L] float32; column 0 is 0.
+
+    p is softmax(logits / temperature): the distribution the rollouts were sampled from (before any
+    top-k/top-p truncation), as the reference computes it.
+    """
     logits_BxLxV, _ = Qwen2ForCausalLM(config).apply({"params": params}, tokens_BxL[:, :-1],
                                                      qwen2.positions_from_mask(attention_mask_BxL[:, :-1]),
                                                      attention_mask_BxL[:, :-1])
-    logp, entropy = algorithm.token_logprobs_and_entropy(logits_BxLxV, tokens_BxL[:, 1:])
+    logp, entropy = algorithm.token_logprobs_and_entropy(logits_BxLxV / temperature, tokens_BxL[:, 1:])
     pad = ((0, 0), (1, 0))
     return jnp.pad(logp, pad), jnp.pad(entropy, pad)
 
@@ -151,7 +164,7 @@ def make_train_step(config: Qwen2Config, loss_config: LossConfig, optimizer: opt
     lc = loss_config
 
     def microbatch_loss(params, micro, num_tokens, num_sequences):
-        logp, entropy = token_logprobs(config, params, micro["tokens"], micro["attention_mask"])
+        logp, entropy = token_logprobs(config, params, micro["tokens"], micro["attention_mask"], lc.temperature)
         return algorithm.policy_loss(
             logp, micro["old_logp"], micro["advantages"], micro["loss_mask"], clip_low=lc.clip_low,
             clip_high=lc.clip_high, clip_c=lc.clip_c, agg_mode=lc.agg_mode, ref_logp=micro.get("ref_logp"),
@@ -186,7 +199,8 @@ def make_train_step(config: Qwen2Config, loss_config: LossConfig, optimizer: opt
                               opt_state=jax.tree_util.tree_map(keep, opt_state, state.opt_state),
                               updates=state.updates + apply, skipped=state.skipped + ~finite)
         metrics.update(grad_norm=optax.tree.norm(grads), updates_skipped=(~finite).astype(jnp.float32),
-                       empty_minibatches=(num_tokens == 0).astype(jnp.float32), tokens=num_tokens)
+                       empty_minibatches=(num_tokens == 0).astype(jnp.float32), tokens=num_tokens,
+                       updates_applied=apply.astype(jnp.float32))
         return state, metrics
 
     def train_step(state: TrainState, batch: dict):
@@ -194,8 +208,13 @@ def make_train_step(config: Qwen2Config, loss_config: LossConfig, optimizer: opt
         batch = {k: jnp.asarray(v).reshape(num_minibatches, num_microbatches, -1, *v.shape[1:])
                  for k, v in batch.items()}
         state, metrics = jax.lax.scan(one_update, state, batch)
-        summed = ("updates_skipped", "empty_minibatches", "tokens")
-        metrics = {k: jnp.sum(v) if k in summed else jnp.mean(v) for k, v in metrics.items()}
+        # Means over the applied updates only: a skipped update's NaN loss or an empty mini-batch's
+        # zeros would otherwise distort the step's figures (both are counted separately).
+        applied = metrics["updates_applied"]
+        summed = ("updates_skipped", "empty_minibatches", "tokens", "updates_applied")
+        metrics = {k: jnp.sum(v) if k in summed else
+                   jnp.sum(jnp.where(applied > 0, v, 0.0)) / jnp.maximum(jnp.sum(applied), 1.0)
+                   for k, v in metrics.items()}
         return state.replace(step=state.step + 1), metrics
 
     if mesh is None:
@@ -215,13 +234,14 @@ def make_train_step(config: Qwen2Config, loss_config: LossConfig, optimizer: opt
 
     def run(state: TrainState, batch: dict):
         check_batch(batch, num_minibatches, num_microbatches, mesh)
-        if "step" not in compiled:
+        key = tuple(sorted(batch))  # with or without ref_logp
+        if key not in compiled:
             state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-            compiled["step"] = jax.jit(
+            compiled[key] = jax.jit(
                 train_step, donate_argnums=0,
                 in_shardings=(state_shardings, {k: rows for k in batch}),
                 out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
         with jax.set_mesh(mesh):
-            return compiled["step"](state, batch)
+            return compiled[key](state, batch)
 
     return run

@@ -209,3 +209,25 @@ def test_overlong_penalty_rejects_nonsense(kwargs, message):
 
 def test_overlong_filtering_zeroes_truncated_answers():
     np.testing.assert_array_equal(overlong_filter_weights([True, False, True]), [0.0, 1.0, 0.0])
+
+
+def test_garbage_at_masked_positions_does_not_leak_into_loss_or_gradient():
+    logp = jnp.log(jnp.full((2, 3), 0.5))
+    old = jnp.asarray([[-0.7, -0.6, -jnp.inf], [jnp.nan, -0.7, -0.7]])  # padding the loss never sees
+    mask = jnp.asarray([[1, 1, 0], [0, 1, 1]])
+    for mode in algorithm.AGG_MODES:
+        loss, grad = jax.value_and_grad(lambda lp: policy_loss(lp, old, jnp.asarray([-1.0, 1.0]), mask,
+                                                               agg_mode=mode)[0])(logp)
+        assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(grad))), mode
+
+
+def test_a_huge_ratio_under_the_dual_clip_has_a_finite_gradient():
+    # log ratio 99: exp overflows without the reference's clamp, and 0 * inf would poison the gradient.
+    loss, grad = jax.value_and_grad(lambda lp: policy_loss(lp, jnp.asarray([[-100.0, -1.0]]), jnp.asarray([-1.0]),
+                                                           jnp.ones((1, 2)), clip_c=3.0)[0])(jnp.asarray([[-1.0, -1.0]]))
+    assert float(loss) == pytest.approx((3.0 + 1.0) / 2) and np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_an_empty_mask_gives_zero_not_nan():
+    for mode in algorithm.AGG_MODES:
+        assert float(aggregate(LOSSES, jnp.zeros((3, 3)), mode)) == 0.0

@@ -74,7 +74,7 @@ def test_token_mean_is_exact_under_gradient_accumulation(setup):
 def test_sequence_modes_are_exact_under_gradient_accumulation(setup, mode):
     config, params = setup
     batch = rollout_batch(2, 8, 24, config.vocab_size, [1, 20, 2, 18, 0, 15, 1, 10])  # one empty row
-    sgd, loss_config = optax.sgd(1.0), ts.LossConfig(agg_mode=mode)
+    sgd, loss_config = optax.sgd(1.0), ts.LossConfig(agg_mode=mode, norm_constant=20.0)
     whole, _ = updated_params(config, params, batch, sgd, 1, loss_config)
     split, _ = updated_params(config, params, batch, sgd, 4, loss_config)
     assert max_relative_diff(split.params, whole.params) < 1e-6
@@ -128,6 +128,7 @@ def test_a_non_finite_loss_skips_the_update_and_is_counted(setup):
     step = ts.make_train_step(config, ts.LossConfig(), optimizer, num_minibatches=1)
     state, metrics = step(state, batch)
     assert int(state.skipped) == 1 and int(state.updates) == 0 and float(metrics["updates_skipped"]) == 1
+    assert float(metrics["updates_applied"]) == 0 and np.isfinite(float(metrics["loss"]))
     for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(jax.tree_util.tree_leaves(state.opt_state), jax.tree_util.tree_leaves(opt_before)):
@@ -209,3 +210,18 @@ def test_indivisible_splits_say_what_to_change(setup):
     with pytest.raises(ValueError, match="8 data-parallel devices"):
         ts.make_train_step(config, ts.LossConfig(), optimizer, num_minibatches=1, mesh=mesh)(
             ts.init_train_state(params, optimizer), batch)
+
+
+def test_sum_norm_mode_needs_its_constant():
+    with pytest.raises(ValueError, match="set norm_constant to the maximum response length"):
+        ts.LossConfig(agg_mode="seq-mean-token-sum-norm")
+
+
+def test_log_probs_are_taken_at_the_sampling_temperature(setup):
+    config, params = setup
+    batch = rollout_batch(10, 2, 8, config.vocab_size, [3, 3])
+    hot, _ = ts.token_logprobs(config, params, batch["tokens"], batch["attention_mask"], temperature=2.0)
+    logits = np.asarray(dapo_jax.forward(config, params, batch["tokens"], attention_mask=batch["attention_mask"]))
+    want = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits[:, :-1] / 2.0, -1)), batch["tokens"][:, 1:, None],
+                              -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(hot)[:, 1:], want, atol=1e-5)
