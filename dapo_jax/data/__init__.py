@@ -1,0 +1,1 @@
+"""Datasets: the built-in synthetic arithmetic task (and, with the training loop, DAPO-Math-17k)."""
