@@ -332,9 +332,10 @@ def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params, *, 
     writer = jax.process_index() == 0
 
     plan: list[tuple[str, tuple[int, ...], _Mapping, int | None]] = []
+    abstract = qwen2.abstract_params(config)
     for mapping in _mappings(config):
         leaf = _get(params, mapping.path)
-        expected = _get(qwen2.abstract_params(config), mapping.path).shape
+        expected = _get(abstract, mapping.path).shape
         if tuple(leaf.shape) != tuple(expected):
             raise CheckpointError(f"params{list(mapping.path)} has shape {list(leaf.shape)} but the config implies "
                                   f"{list(expected)}; are these params from a different config?")

@@ -264,16 +264,18 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, bucket: int, 
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-        bad = [t for t in p if not 0 <= int(t) < vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
     width = -(-max(len(p) for p in prompts) // bucket) * bucket
     rows = -(-len(prompts) // batch_multiple) * batch_multiple
-    tokens = np.full((rows, width), pad_id, np.int32)
+    tokens = np.full((rows, width), pad_id, np.int64)
     mask = np.zeros((rows, width), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, width - len(p):] = p
         mask[i, width - len(p):] = 1
+    outside = (mask > 0) & ((tokens < 0) | (tokens >= vocab_size))
+    if outside.any():
+        i, j = np.argwhere(outside)[0]
+        raise ValueError(f"prompt {i} has token id {tokens[i, j]} outside the vocabulary [0, {vocab_size})")
+    tokens = tokens.astype(np.int32)
     for i in range(len(prompts), rows):  # filler rows (dropped from the output) hold one token
         mask[i, -1] = 1
     return tokens, mask, np.arange(rows) < len(prompts)

@@ -11,10 +11,9 @@ fallback so that replication is never silent.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -42,18 +41,7 @@ LOGICAL_AXIS_RULES: LogicalRules = (
     ("norm", None),
 )
 
-_active_rules: list[LogicalRules] = [LOGICAL_AXIS_RULES]
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def axis_rules(rules: LogicalRules) -> Iterator[None]:
-    """Use `rules` instead of `LOGICAL_AXIS_RULES` inside the block (for layout experiments)."""
-    _active_rules.append(tuple(rules))
-    try:
-        yield
-    finally:
-        _active_rules.pop()
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
@@ -100,7 +88,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int],
     """
     if len(logical_axes) != len(shape):
         raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
-    rules = _active_rules[-1]
+    rules = LOGICAL_AXIS_RULES
     used: set[str] = set()
     spec, dropped = [], []
     for name, size in zip(logical_axes, shape):

@@ -13,6 +13,7 @@ The Qwen2.5 chat format, with the default system turn its chat template adds:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -71,12 +72,15 @@ class Tokenizer:
         pad = self.token_id(END_OF_TEXT)
         return pad if pad is not None else 0
 
-    def _split_special(self, text: str) -> list[str]:
+    @functools.cached_property
+    def _special_pattern(self) -> re.Pattern | None:
         present = [t for t in self.special_tokens if self.token_id(t) is not None]
-        if not present:
+        return re.compile("(" + "|".join(re.escape(t) for t in present) + ")") if present else None
+
+    def _split_special(self, text: str) -> list[str]:
+        if self._special_pattern is None:
             return [text]
-        pattern = "(" + "|".join(re.escape(t) for t in present) + ")"
-        return [p for p in re.split(pattern, text) if p]
+        return [p for p in self._special_pattern.split(text) if p]
 
     def _extra_eos_ids(self) -> tuple[int, ...]:
         return ()
