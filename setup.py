@@ -16,6 +16,8 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
     "numpy==2.4.6",
+    "pyarrow==25.0.1",  # DAPO-Math-17k and AIME-2024 are parquet files
+    "tqdm==4.70.1",  # the training progress bar
 ]
 
 EXTRAS_REQUIRE = {

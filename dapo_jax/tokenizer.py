@@ -171,6 +171,32 @@ class SentencePieceTokenizer(Tokenizer):
         return (self._sp.eos_id(),) if self._sp.eos_id() >= 0 else ()
 
 
+CHARACTERS = "".join(chr(c) for c in range(32, 127)) + "\n"  # printable ASCII and the newline
+
+
+def build_char_tokenizer(directory: str | os.PathLike, characters: str = CHARACTERS) -> HFTokenizer:
+    """Write a character-level tokenizer.json (+ tokenizer_config.json) into `directory` and load it.
+
+    One id per character (unknown characters become <unk>, id 0), then the chat control tokens. The
+    built-in synthetic task uses it: a tiny model learns arithmetic far more easily one digit at a
+    time, and the vocabulary (100 ids) keeps its embedding small.
+    """
+    import tokenizers
+    from tokenizers import decoders, models
+
+    if len(set(characters)) != len(characters):
+        raise ValueError("build_char_tokenizer: `characters` repeats a character")
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(characters)}}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: characters
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([END_OF_TEXT, IM_START, IM_END])
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": IM_END, "pad_token": END_OF_TEXT}, indent=1))
+    return HFTokenizer(directory / "tokenizer.json")
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A tokenizer from a checkpoint directory (tokenizer.json or tokenizer.model) or a file path."""
     path = Path(path)

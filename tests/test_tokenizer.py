@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from dapo_jax.tokenizer import (IM_END, IM_START, QWEN_DEFAULT_SYSTEM, HFTokenizer, SentencePieceTokenizer,
-                                load_tokenizer, render_chat)
+from dapo_jax.tokenizer import (CHARACTERS, END_OF_TEXT, IM_END, IM_START, QWEN_DEFAULT_SYSTEM, HFTokenizer,
+                                SentencePieceTokenizer, build_char_tokenizer, load_tokenizer, render_chat)
 
 CORPUS = ["Natalia sold clips to 48 of her friends in April.", "What is 12 + 30? Answer: 42",
           "The answer is $\\frac{1}{2}$ and \\boxed{7}.", "Let x = 3; then 2x + 1 = 7."] * 20
@@ -98,3 +98,15 @@ def test_missing_tokenizer_says_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json .* or a .model"):
         (tmp_path / "vocab.txt").write_text("")
         load_tokenizer(tmp_path / "vocab.txt")
+
+
+def test_char_tokenizer_is_one_id_per_character(tmp_path):
+    tok = build_char_tokenizer(tmp_path)
+    text = "(7 + 5) * 3\nAnswer: 36"
+    ids = tok.encode(IM_START + "user\n" + text + IM_END)
+    assert len(ids) == 1 + len("user\n") + len(text) + 1
+    assert tok.decode(ids, skip_special_tokens=False) == IM_START + "user\n" + text + IM_END
+    assert tok.decode(ids) == "user\n" + text
+    assert set(tok.eos_ids) == {tok.token_id(IM_END), tok.token_id(END_OF_TEXT)}
+    assert tok.vocab_size == len(CHARACTERS) + 4
+    assert tok.encode("é") == [0]  # unknown characters become <unk>

@@ -22,7 +22,7 @@ import random
 from collections.abc import Iterator
 
 DATA_SOURCE = "synthetic_arithmetic"
-INSTRUCTION = "Compute the value step by step. The last line of your response must be 'Answer: <integer>'."
+INSTRUCTION = "Work it out step by step; end with 'Answer: <integer>'."
 _OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -33,6 +33,7 @@ class SyntheticTask:
     max_operand: int = 20
     operators: str = "+-*"
     eval_fraction: float = 0.1  # share of the problem space reserved for evaluation
+    instruction: str = INSTRUCTION  # the text before the expression ("" for the bare expression)
 
     def __post_init__(self):
         if not 1 <= self.min_ops <= self.max_ops:
@@ -85,11 +86,12 @@ def problems(task: SyntheticTask, split: str, seed: int = 0) -> Iterator[Problem
             yield problem
 
 
-def to_row(problem: Problem, index: int, split: str) -> dict:
+def to_row(problem: Problem, index: int, split: str, instruction: str = INSTRUCTION) -> dict:
     """A row in DAPO-Math-17k's layout."""
+    content = f"{instruction}\n{problem.expression}" if instruction else problem.expression
     return {
         "data_source": DATA_SOURCE,
-        "prompt": [{"role": "user", "content": f"{INSTRUCTION}\n{problem.expression}"}],
+        "prompt": [{"role": "user", "content": content}],
         "ability": "MATH",
         "reward_model": {"ground_truth": str(problem.answer), "style": "rule"},
         "extra_info": {"index": index, "split": split, "num_ops": problem.num_ops, "solution": problem.solution},
@@ -110,5 +112,5 @@ def rows(task: SyntheticTask, split: str, n: int, seed: int = 0, unique: bool = 
                                  f"raise max_ops or max_operand, or ask for fewer rows")
             continue
         seen.add(problem.expression)
-        out.append(to_row(problem, len(out), split))
+        out.append(to_row(problem, len(out), split, task.instruction))
     return out
