@@ -38,6 +38,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["dapo_jax", "dapo_jax.*"]),
+    package_data={"dapo_jax": ["assets/synthetic_tiny/*"]},  # the embedded default's starting checkpoint
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

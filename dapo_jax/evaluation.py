@@ -10,7 +10,8 @@ For one problem with n samples of which c are correct:
 A data source's metric is the mean over its problems; "all" is the mean over every problem, each
 problem weighted equally whatever its source. pass@1 equals avg@n, and pass@n is 1 exactly when c > 0.
 
-Pure Python and numpy: this runs on the host after the sampler has returned and the rewards are scored.
+`run_evaluation` samples the answers (with the evaluation's own settings: the paper uses temperature
+1.0, top-p 0.7 and 32 samples per problem), scores them with the training reward, and summarises.
 """
 
 from __future__ import annotations
@@ -152,3 +153,27 @@ def format_table(metrics: Mapping[str, float]) -> str:
         lines.append(f"{source:<{width}}  {int(values['problems']):>8}  {n:>4}  {values[f'avg@{n}']:>7.4f}  "
                      f"{values[f'pass@{n}']:>7.4f}  {values[f'maj@{n}']:>7.4f}")
     return "\n".join(lines)
+
+
+def run_evaluation(model_config, params, records, tokenizer, *, samples_per_prompt: int, temperature: float,
+                   top_p: float, max_response_length: int, prompts_per_batch: int, seed: int,
+                   prompt_bucket: int = 32, mesh=None) -> tuple[dict[str, float], list[dict]]:
+    """(metrics, per-sample results) for `records` (PromptRecords): avg@k, pass@k and maj@k per data
+    source and over all, plus the mean response length. Truncated answers count as they are scored."""
+    from dapo_jax import rollout  # the sampler pulls in JAX; the metrics above do not need it
+
+    reward = rollout.RewardConfig(max_response_length=max_response_length)
+    results = []
+    for start in range(0, len(records), prompts_per_batch):
+        batch = records[start:start + prompts_per_batch]
+        groups = rollout.generate_groups(model_config, params, batch, tokenizer, samples_per_prompt=samples_per_prompt,
+                                         reward=reward, temperature=temperature, top_p=top_p, top_k=0,
+                                         seed=seed + start, prompt_bucket=prompt_bucket, mesh=mesh)
+        for g in groups:
+            for text, acc, pred, response in zip(g.texts, g.accs, g.preds, g.responses):
+                results.append({"data_source": g.record.data_source, "uid": g.record.uid, "correct": acc,
+                                "pred": pred, "response": text, "length": len(response),
+                                "ground_truth": g.record.ground_truth})
+    metrics = summarize(results)
+    metrics["eval_stats/response_length_mean"] = float(np.mean([r["length"] for r in results]))
+    return metrics, results

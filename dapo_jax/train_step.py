@@ -73,21 +73,26 @@ class OptimizerConfig:
     eps: float = 1e-8
 
 
+def learning_rate_schedule(cfg: OptimizerConfig, updates_per_step: int) -> Callable:
+    """lr at optimizer update `count`: ramps to its peak over the first warmup_steps rollout steps
+    (each of `updates_per_step` updates), lr * min(1, (rollout_step + 1) / warmup), then constant."""
+    def schedule(count):
+        if cfg.warmup_steps <= 0:
+            return jnp.asarray(cfg.learning_rate, jnp.float32)
+        rollout_step = count // updates_per_step
+        return cfg.learning_rate * jnp.minimum(1.0, (rollout_step + 1) / cfg.warmup_steps)
+    return schedule
+
+
 def make_optimizer(cfg: OptimizerConfig, updates_per_step: int) -> optax.GradientTransformation:
-    """clip_by_global_norm, then AdamW; lr ramps to its peak over the first warmup_steps rollout
-    steps (each of `updates_per_step` optimizer updates): lr * min(1, (rollout_step + 1) / warmup).
+    """clip_by_global_norm, then AdamW with `learning_rate_schedule`.
 
     The schedule counts applied updates, so a skipped (non-finite) update delays the ramp by one.
     """
-    if cfg.warmup_steps > 0:
-        def schedule(count):
-            rollout_step = count // updates_per_step
-            return cfg.learning_rate * jnp.minimum(1.0, (rollout_step + 1) / cfg.warmup_steps)
-    else:
-        schedule = cfg.learning_rate
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+        optax.adamw(learning_rate_schedule(cfg, updates_per_step), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay),
     )
 
 

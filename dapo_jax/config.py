@@ -1,0 +1,228 @@
+"""Every setting a training run depends on, with the embedded default, and their validation.
+
+`default_config()` is the schema and the embedded default: the tiny warmed-up model shipped in
+`dapo_jax/assets/` trained with the full DAPO recipe on the built-in synthetic arithmetic task, on
+one CPU. Files in `configs/` start from it and change what they need; every field can be overridden
+on the command line (`--config.rollout.samples_per_prompt=8`).
+
+`validate(cfg, num_devices)` runs before anything is loaded or compiled and reports every problem
+at once, each with what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import ml_collections
+
+from dapo_jax.algorithm import AGG_MODES
+from dapo_jax.dynamic_sampling import ON_LIMIT
+
+EMBEDDED_MODEL = Path(__file__).parent / "assets" / "synthetic_tiny"
+
+
+class ConfigError(ValueError):
+    """The config cannot run; the message lists each problem and what to change."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.steps = 60  # rollout steps
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = "embedded"  # "embedded", a Hugging Face directory, or "random:<preset>[,field=value]"
+    c.model.tokenizer = ""  # "" = the tokenizer files in model.path
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "float32"
+    c.model.remat_policy = "none"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "synthetic"  # "synthetic" or comma-separated .parquet / .jsonl files
+    c.data.eval = "synthetic"
+    c.data.max_prompt_length = 40  # tokens
+    c.data.truncation = "left"  # longer prompts: "left" keeps their end (as the reference), "error" rejects
+    c.data.skip_bad_rows = False  # True: skip malformed rows (counted and logged) instead of failing
+    c.data.dedup = True  # drop repeated prompts (DAPO-Math-17k repeats each ~100 times)
+    c.data.system_prompt = ""  # "" = no system turn, "qwen" = Qwen2.5's default, else the text itself
+    c.data.eval_problems = 200  # 0 = all; a synthetic eval set always needs a number
+    c.data.synthetic = ml_collections.ConfigDict(dict(
+        min_ops=1, max_ops=3, max_operand=9, operators="+-", eval_fraction=0.1, instruction="",
+        train_problems=20000))
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.prompts_per_step = 16  # groups trained on per rollout step
+    c.rollout.samples_per_prompt = 8  # G
+    c.rollout.gen_prompts_per_batch = 32  # prompts per generation batch (dynamic sampling draws several)
+    c.rollout.max_gen_batches = 6
+    c.rollout.on_gen_batch_limit = "error"  # or "train_partial"
+    c.rollout.dynamic_sampling = True
+    c.rollout.carry_over = True  # keep surplus informative groups for the next step
+    c.rollout.max_response_length = 48  # tokens, the overlong buffer included
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+    c.rollout.prompt_bucket = 8
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.overlong_buffer = 8  # L_cache tokens; 0 turns the soft overlong punishment off
+    c.reward.overlong_penalty_factor = 1.0
+    c.reward.overlong_filter = False  # drop truncated answers from the loss
+
+    c.algorithm = ml_collections.ConfigDict()
+    c.algorithm.clip_low = 0.2
+    c.algorithm.clip_high = 0.28
+    c.algorithm.clip_c = 0.0  # dual-clip constant for negative advantages; 0 = off
+    c.algorithm.agg_mode = "token-mean"
+    c.algorithm.norm_by_std = True
+    c.algorithm.kl_coef = 0.0
+    c.algorithm.entropy_coef = 0.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 2e-4
+    c.optim.warmup_steps = 5  # rollout steps
+    c.optim.weight_decay = 0.1
+    c.optim.grad_clip = 1.0
+    c.optim.minibatch_size = 64  # answers per optimizer update
+    c.optim.microbatch_size = 0  # answers per forward/backward pass; 0 = the whole mini-batch
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 20  # rollout steps; 0 = only before and after training
+    c.eval.samples_per_prompt = 8  # k of avg@k / pass@k / maj@k
+    c.eval.temperature = 1.0
+    c.eval.top_p = 1.0
+    c.eval.prompts_per_batch = 256
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 20  # rollout steps
+    c.checkpoint.keep = 2
+    c.checkpoint.export_hf = True  # write the final policy as a Hugging Face checkpoint
+
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.log_every = 1
+    c.tensorboard = True
+    return c
+
+
+# The paper's Table 1, cumulative: each rung adds one technique to the one before (AIME 2024 avg@32
+# for Qwen2.5-32B: 30, 36, 38, 41, 42, 50). Soft overlong punishment replaces overlong filtering
+# (the final recipe shapes truncated answers' rewards instead of dropping them from the loss).
+ABLATION_LADDER = ("grpo", "overlong_filtering", "clip_higher", "soft_overlong", "token_level_loss", "dapo")
+
+
+def ablation(cfg: ml_collections.ConfigDict, rung: str) -> ml_collections.ConfigDict:
+    """`cfg` (a full DAPO config) cut back to one rung of the ablation ladder."""
+    if rung not in ABLATION_LADDER:
+        raise ConfigError(f"unknown ablation rung {rung!r}; choose one of {ABLATION_LADDER}")
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    level = ABLATION_LADDER.index(rung)
+    buffer = cfg.reward.overlong_buffer or max(cfg.rollout.max_response_length // 5, 1)
+    # naive GRPO: symmetric clip, sample-level loss, no overlong handling, no dynamic sampling
+    c.algorithm.clip_high = cfg.algorithm.clip_low if level < 2 else cfg.algorithm.clip_high
+    c.reward.overlong_filter = level in (1, 2)
+    c.reward.overlong_buffer = buffer if level >= 3 else 0
+    c.algorithm.agg_mode = "token-mean" if level >= 4 else "seq-mean-token-mean"
+    c.rollout.dynamic_sampling = level >= 5
+    if level < 5:
+        c.rollout.gen_prompts_per_batch = c.rollout.prompts_per_step
+    return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The embedded default, for `--config` (ml_collections config files define get_config)."""
+    return default_config()
+
+
+def _mesh_sizes(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, int] | None:
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    if list(sizes.values()).count(-1) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+        return None
+    known = math.prod(s for s in sizes.values() if s != -1)
+    for k, s in sizes.items():
+        if s == -1:
+            if num_devices % known:
+                return None
+            sizes[k] = num_devices // known
+    return sizes if math.prod(sizes.values()) == num_devices else None
+
+
+def problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
+    """Everything wrong with `cfg` on `num_devices` devices, each saying what to change."""
+    out = []
+    r, a, o, rw, d = cfg.rollout, cfg.algorithm, cfg.optim, cfg.reward, cfg.data
+    if cfg.steps < 0:
+        out.append(f"steps={cfg.steps} must be >= 0")
+    if not 0.0 <= a.clip_low < 1.0:
+        out.append(f"algorithm.clip_low={a.clip_low} must be in [0, 1) (the paper: 0.2)")
+    if not 0.0 <= a.clip_high <= 10.0:
+        out.append(f"algorithm.clip_high={a.clip_high} must be in [0, 10] (the paper: 0.28)")
+    if a.clip_c and a.clip_c <= 1.0:
+        out.append(f"algorithm.clip_c={a.clip_c} must be > 1 (the public script: 10), or 0 to turn dual clip off")
+    if a.agg_mode not in AGG_MODES:
+        out.append(f"algorithm.agg_mode={a.agg_mode!r}: use one of {AGG_MODES}")
+    for name in ("kl_coef", "entropy_coef"):
+        if a[name] < 0:
+            out.append(f"algorithm.{name}={a[name]} must be >= 0")
+    if r.samples_per_prompt < 1 or r.prompts_per_step < 1 or r.gen_prompts_per_batch < 1:
+        out.append("rollout.prompts_per_step, samples_per_prompt and gen_prompts_per_batch must be >= 1")
+    elif r.dynamic_sampling and r.samples_per_prompt < 2:
+        out.append(f"rollout.dynamic_sampling keeps groups whose answers disagree: with samples_per_prompt="
+                   f"{r.samples_per_prompt} none can; use at least 2 (the paper: 16)")
+    if not r.dynamic_sampling and r.gen_prompts_per_batch != r.prompts_per_step:
+        out.append(f"without dynamic sampling one generation batch is the train batch: set rollout."
+                   f"gen_prompts_per_batch={r.prompts_per_step} (= prompts_per_step), not {r.gen_prompts_per_batch}")
+    if r.max_gen_batches < 1:
+        out.append(f"rollout.max_gen_batches={r.max_gen_batches} must be >= 1")
+    if r.on_gen_batch_limit not in ON_LIMIT:
+        out.append(f"rollout.on_gen_batch_limit={r.on_gen_batch_limit!r}: use one of {ON_LIMIT}")
+    if r.max_response_length < 1 or d.max_prompt_length < 1:
+        out.append("rollout.max_response_length and data.max_prompt_length must be >= 1")
+    if not 0 <= rw.overlong_buffer < r.max_response_length:
+        out.append(f"reward.overlong_buffer={rw.overlong_buffer} must be in [0, rollout.max_response_length="
+                   f"{r.max_response_length}); the paper uses 4096 of 20480")
+    if rw.overlong_penalty_factor < 0:
+        out.append(f"reward.overlong_penalty_factor={rw.overlong_penalty_factor} must be >= 0")
+    for name, sampling in (("rollout", r), ("eval", cfg.eval)):
+        if sampling.temperature <= 0 and name == "rollout":
+            out.append("rollout.temperature must be > 0: the loss needs the sampling distribution's log-probs")
+        if not 0.0 < sampling.top_p <= 1.0:
+            out.append(f"{name}.top_p={sampling.top_p} must be in (0, 1]")
+    if d.truncation not in ("left", "error"):
+        out.append(f"data.truncation={d.truncation!r}: use 'left' (keep the prompt's end) or 'error'")
+    if cfg.eval.samples_per_prompt < 1:
+        out.append(f"eval.samples_per_prompt={cfg.eval.samples_per_prompt} must be >= 1")
+    if d.eval == "synthetic" and d.eval_problems < 1:
+        out.append("data.eval_problems must be >= 1 for the synthetic eval split (it is endless)")
+    if cfg.checkpoint.keep < 1 or cfg.checkpoint.every < 1:
+        out.append("checkpoint.keep and checkpoint.every must be >= 1")
+
+    rows = r.prompts_per_step * r.samples_per_prompt
+    mb = o.minibatch_size
+    micro = o.microbatch_size or mb
+    if mb < 1 or rows % mb:
+        out.append(f"optim.minibatch_size={mb} does not divide the {rows} answers of a step "
+                   f"(prompts_per_step {r.prompts_per_step} x samples_per_prompt {r.samples_per_prompt}); "
+                   f"use a divisor of {rows}")
+    elif micro < 1 or mb % micro:
+        out.append(f"optim.microbatch_size={micro} does not divide optim.minibatch_size={mb}; use a divisor of {mb}")
+    sizes = _mesh_sizes(cfg.mesh, num_devices)
+    if sizes is None:
+        out.append(f"mesh {dict(cfg.mesh)} does not fit the {num_devices} devices: make data x fsdp x tensor equal "
+                   f"{num_devices}, with at most one size -1")
+    elif micro % (sizes["data"] * sizes["fsdp"]):
+        shards = sizes["data"] * sizes["fsdp"]
+        out.append(f"micro-batches of {micro} answers do not split over the {shards} data-parallel devices "
+                   f"(mesh data x fsdp); make optim.microbatch_size (or minibatch_size) a multiple of {shards}")
+    return out
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
+    found = problems(cfg, num_devices)
+    if found:
+        raise ConfigError("the config cannot run:\n  - " + "\n  - ".join(found))
+
+
+def data_parallel(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
+    sizes = _mesh_sizes(cfg.mesh, num_devices)
+    return sizes["data"] * sizes["fsdp"]

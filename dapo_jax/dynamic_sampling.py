@@ -1,0 +1,89 @@
+"""Dynamic sampling (DAPO section 3.2): train only on groups whose answers disagree, and keep
+generating until the batch is full.
+
+A group whose G answers are all right or all wrong has zero advantage everywhere: it adds no
+gradient, only dilutes the token mean. So, per rollout step:
+
+    kept = groups carried over from the last step
+    while len(kept) < prompts_per_step:
+        generate one generation batch; keep its groups with 0 < accuracy < 1
+    train on kept[:prompts_per_step]; carry kept[prompts_per_step:] into the next step
+
+The reference discards the surplus; carrying it over wastes no generated token (the metrics report
+the share of generated tokens that reached a gradient update). A carried group keeps the
+log-probs of the parameters that generated it, so its importance ratio stays correct one step
+later. After `max_gen_batches` generation batches without a full batch the step either stops with
+an explanation of what was seen, or trains on the partial batch (`on_limit="train_partial"`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from dapo_jax.rollout import Group
+
+ON_LIMIT = ("error", "train_partial")
+
+
+class GenerationBatchLimit(RuntimeError):
+    """Dynamic sampling could not fill a batch within max_gen_batches generation batches."""
+
+
+@dataclasses.dataclass
+class Collected:
+    groups: list[Group]  # to train on, at most prompts_per_step of them
+    carry: list[Group]  # informative groups left over, for the next step
+    generated: list[Group]  # every group generated this step (for the metrics)
+    gen_batches: int = 0
+    carried_in: int = 0
+    partial: bool = False
+
+    @property
+    def filtered(self) -> int:
+        """Generated groups dropped for being all right or all wrong."""
+        return sum(not g.informative for g in self.generated)
+
+
+def limit_message(step: int, need: int, kept: int, generated: list[Group], max_gen_batches: int) -> str:
+    right = sum(all(g.accs) for g in generated)
+    wrong = sum(not any(g.accs) for g in generated)
+    answers = sum(len(g.accs) for g in generated)
+    accuracy = sum(sum(g.accs) for g in generated) / max(answers, 1)
+    return (f"dynamic sampling: step {step} reached rollout.max_gen_batches={max_gen_batches} with {kept} of the "
+            f"{need} groups it needs. Of the {len(generated)} groups generated this step, {right} were all "
+            f"correct and {wrong} all wrong (answer accuracy {accuracy:.1%}), so the data is too "
+            f"{'easy' if right > wrong else 'hard'} for this model at G={len(generated[0].accs) if generated else '?'}. "
+            f"Raise rollout.max_gen_batches or rollout.gen_prompts_per_batch, use "
+            f"{'harder' if right > wrong else 'easier'} prompts, raise rollout.samples_per_prompt, or set "
+            f"rollout.on_gen_batch_limit='train_partial' to train on the groups found.")
+
+
+def collect(step: int, need: int, carry: list[Group], draw: Callable[[], list[Group]], *, dynamic: bool = True,
+            carry_over: bool = True, max_gen_batches: int = 10, on_limit: str = "error") -> Collected:
+    """Gather `need` groups for one rollout step.
+
+    `draw()` generates and scores one generation batch. Without dynamic sampling the first batch is
+    trained on as it is. Fresh groups come back without old log-probs: the caller computes them
+    (still under the generating parameters) for the ones that are kept.
+    """
+    if on_limit not in ON_LIMIT:
+        raise ValueError(f"on_limit={on_limit!r}: use one of {ON_LIMIT}")
+    if not dynamic:
+        generated = draw()
+        return Collected(generated[:need], [], generated, gen_batches=1)
+    kept, generated, batches = list(carry), [], 0
+    out = Collected([], [], generated, carried_in=len(carry))
+    while len(kept) < need:
+        if batches == max_gen_batches:
+            if on_limit == "error":
+                raise GenerationBatchLimit(limit_message(step, need, len(kept), generated, max_gen_batches))
+            out.partial = True
+            break
+        fresh = draw()
+        batches += 1
+        generated.extend(fresh)
+        kept.extend(g for g in fresh if g.informative)
+    out.groups, out.gen_batches = kept[:need], batches
+    out.carry = kept[need:] if carry_over else []
+    return out

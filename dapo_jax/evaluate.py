@@ -1,0 +1,96 @@
+"""Evaluate a policy on a config's evaluation data: avg@k, pass@k and maj@k per data source.
+
+    python -m dapo_jax.evaluate --config configs/dapo_qwen2_5_32b.py --checkpoint runs/32b            # latest
+    python -m dapo_jax.evaluate --config configs/synthetic_tiny.py --checkpoint runs/tiny/checkpoints/40
+    python -m dapo_jax.evaluate --checkpoint runs/tiny/hf_final --out results/tiny
+
+`--checkpoint` is a Hugging Face directory, a training workdir (its latest checkpoint), or one
+checkpoint step directory. The sampling settings are the config's `eval` section. The table is
+printed; `<out>/metrics.json` and `<out>/samples.jsonl` (every answer, scored) are written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from dapo_jax import checkpoints, config as config_lib, evaluation, sharding, train, train_step
+from dapo_jax.models.loading import load_model
+from dapo_jax.tokenizer import load_tokenizer
+
+
+def _orbax_step(path: Path) -> tuple[Path, int | None]:
+    """(the checkpoints directory, the step or None for the latest) that `path` names."""
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    if path.name.isdigit() and path.parent.is_dir():
+        return path.parent, int(path.name)
+    return path, None
+
+
+def load_policy(cfg: ml_collections.ConfigDict, checkpoint: str | Path, mesh):
+    """(model config, params) from a Hugging Face directory or an orbax training checkpoint."""
+    path = Path(checkpoint)
+    kwargs = dict(dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype, mesh=mesh)
+    if (path / "config.json").is_file():
+        return load_model(str(path), **kwargs)
+    directory, step = _orbax_step(path)
+    checkpointer = checkpoints.Checkpointer(directory, keep=1 << 30)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{checkpoint} is neither a Hugging Face directory (config.json) nor a training "
+                                f"workdir or checkpoint with a saved step")
+    # The train state's structure (and so the optimizer's) must match what was saved.
+    model_config, params = load_model(train.model_source(cfg), seed=cfg.seed, **kwargs)
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    optimizer = train_step.make_optimizer(train_step.OptimizerConfig(), rows // cfg.optim.minibatch_size)
+    state, _ = checkpointer.restore(step, train_step.init_train_state(params, optimizer))
+    checkpointer.close()
+    return model_config, state.params
+
+
+def evaluate(cfg: ml_collections.ConfigDict, checkpoint: str | Path, out: str | Path) -> dict[str, float]:
+    config_lib.validate(cfg, jax.device_count())
+    mesh = sharding.make_mesh(**cfg.mesh)
+    own_tokenizer = not cfg.model.tokenizer and (Path(checkpoint) / "tokenizer.json").is_file()
+    tokenizer = load_tokenizer(checkpoint) if own_tokenizer else train.load_policy_tokenizer(cfg)
+    model_config, params = load_policy(cfg, checkpoint, mesh)
+    records = train.load_prompts(cfg, "eval", tokenizer)
+    e = cfg.eval
+    start = time.perf_counter()
+    metrics, results = evaluation.run_evaluation(
+        model_config, params, records, tokenizer, samples_per_prompt=e.samples_per_prompt, temperature=e.temperature,
+        top_p=e.top_p, max_response_length=cfg.rollout.max_response_length, prompts_per_batch=e.prompts_per_batch,
+        seed=train.seed_for(cfg.seed, 1 << 30), mesh=mesh, prompt_bucket=cfg.rollout.prompt_bucket)
+    metrics["time/eval"] = time.perf_counter() - start
+    if jax.process_index() == 0:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+        print(evaluation.format_table(metrics))
+        print(f"written to {out}/metrics.json and {out}/samples.jsonl", flush=True)
+    return metrics
+
+
+def main(argv):
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    evaluate(f.config, f.checkpoint, f.out or f"eval_results/{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", str(Path(config_lib.__file__)), "a config file (get_config())")
+    flags.DEFINE_string("checkpoint", None, "a Hugging Face directory, a training workdir, or a checkpoint step "
+                                            "directory", required=True)
+    flags.DEFINE_string("out", "", "where to write metrics.json and samples.jsonl")
+    app.run(main)

@@ -1,0 +1,76 @@
+"""Where a run's figures go: `<workdir>/metrics.jsonl` (one JSON object per line, with `step`) and
+TensorBoard event files in `<workdir>/tensorboard`, written by the first process only.
+
+    tensorboard --logdir <workdir>/tensorboard
+    python -c "import pandas; print(pandas.read_json('<workdir>/metrics.jsonl', lines=True))"
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+def _plain(value):
+    value = float(value) if isinstance(value, (np.floating, np.integer, jax.Array)) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str | Path, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float | int | str], **extra) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in {**metrics, **extra}.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def rollout_metrics(generated, trained) -> dict[str, float]:
+    """Reward, accuracy and response-length figures over this step's generated answers, and the
+    trained groups' accuracy (what the gradient saw)."""
+    scores = np.array([s for g in generated for s in g.scores], np.float64)
+    rewards = np.array([s for g in generated for s in g.rewards], np.float64)
+    accs = np.array([a for g in generated for a in g.accs], np.float64)
+    lengths = np.array([len(r) for g in generated for r in g.responses], np.float64)
+    truncated = np.array([t for g in generated for t in g.truncated], np.float64)
+    out = {}
+    if len(scores):
+        out.update({
+            "rollout/score_mean": scores.mean(), "rollout/reward_mean": rewards.mean(),
+            "rollout/reward_max": rewards.max(), "rollout/reward_min": rewards.min(),
+            "rollout/acc_mean": accs.mean(),
+            "rollout/response_length_mean": lengths.mean(), "rollout/response_length_max": lengths.max(),
+            "rollout/response_length_min": lengths.min(), "rollout/truncated_frac": truncated.mean(),
+        })
+    if trained:
+        out["batch/acc_mean"] = float(np.mean([a for g in trained for a in g.accs]))
+        out["batch/reward_mean"] = float(np.mean([r for g in trained for r in g.rewards]))
+    return out

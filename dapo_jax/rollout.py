@@ -1,0 +1,218 @@
+"""Rollouts: G sampled answers per prompt, scored, shaped, and packed into a train batch.
+
+    records --generate (jitted)--> responses --decode, math_dapo score, overlong shaping--> Groups
+    Groups --group advantages, fixed-width packing--> the train step's batch
+
+A row of the train batch is one answer, laid out at a fixed width so that one compilation serves
+every step:
+
+    [ prompt, left-padded to max_prompt_length | response, right-padded to max_response_length ]
+
+The reward of an answer is its correctness score (+1 / -1) plus the soft overlong penalty on its
+token count; accuracy (for dynamic sampling and the metrics) is the correctness alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from dapo_jax import algorithm, sampling, sharding
+from dapo_jax.data.datasets import PromptRecord
+from dapo_jax.rewards import math_dapo
+from dapo_jax.rewards.overlong import overlong_penalty
+from dapo_jax.tokenizer import Tokenizer
+from dapo_jax.train_step import token_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    max_response_length: int
+    overlong_buffer: int = 0  # L_cache; 0 turns the soft overlong punishment off
+    overlong_penalty_factor: float = 1.0
+
+
+@dataclasses.dataclass
+class Group:
+    """The G answers to one prompt, scored. Lists are per answer."""
+
+    record: PromptRecord
+    responses: list[list[int]]  # token ids, up to and including the end-of-sequence id
+    sampler_logp: list[list[float]]  # log-probs the sampler reported for those ids
+    texts: list[str]
+    scores: list[float]  # correctness: +1 / -1
+    rewards: list[float]  # score + overlong penalty: what the advantage is computed from
+    accs: list[bool]
+    preds: list[str]
+    truncated: list[bool]  # hit max_response_length without an end-of-sequence id
+    old_logp: list[list[float]] | None = None  # under the parameters that generated them
+
+    @property
+    def informative(self) -> bool:
+        """Dynamic sampling keeps a group only if its answers disagree on correctness (std > 0)."""
+        return len(set(self.accs)) > 1
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r) for r in self.responses)
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["record"] = dataclasses.asdict(self.record)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> Group:
+        record = d["record"]
+        return cls(**{**d, "record": PromptRecord(**{**record, "prompt_ids": tuple(record["prompt_ids"])})})
+
+
+def score_group(record: PromptRecord, responses: Sequence[Sequence[int]], sampler_logp, truncated,
+                tokenizer: Tokenizer, reward: RewardConfig) -> Group:
+    texts, scores, rewards, accs, preds = [], [], [], [], []
+    for ids in responses:
+        text = tokenizer.decode(ids)  # the end-of-sequence id is a special token and drops out
+        result = math_dapo.compute_score(text, record.ground_truth)
+        penalty = (overlong_penalty(len(ids), max_response_length=reward.max_response_length,
+                                    buffer_length=reward.overlong_buffer,
+                                    penalty_factor=reward.overlong_penalty_factor)
+                   if reward.overlong_buffer else 0.0)
+        texts.append(text)
+        scores.append(result["score"])
+        rewards.append(result["score"] + penalty)
+        accs.append(bool(result["acc"]))
+        preds.append(result["pred"])
+    return Group(record, [list(r) for r in responses], [list(x) for x in sampler_logp], texts, scores, rewards,
+                 accs, preds, list(truncated))
+
+
+def generate_groups(model_config, params, records: Sequence[PromptRecord], tokenizer: Tokenizer, *,
+                    samples_per_prompt: int, reward: RewardConfig, temperature: float, top_p: float, top_k: int,
+                    seed: int, prompt_bucket: int, mesh=None, timer: dict | None = None) -> list[Group]:
+    """Sample `samples_per_prompt` answers to each record and score them (seconds spent in each
+    phase are added to timer["generate"] and timer["reward"])."""
+    start = time.perf_counter()
+    out = sampling.generate(model_config, params, [list(r.prompt_ids) for r in records],
+                            max_new_tokens=reward.max_response_length, temperature=temperature, top_p=top_p,
+                            top_k=top_k, eos_ids=tokenizer.eos_ids, num_samples=samples_per_prompt, seed=seed,
+                            mesh=mesh, prompt_bucket=prompt_bucket)
+    scored = time.perf_counter()
+    g = samples_per_prompt
+    groups = [score_group(r, out.tokens[i * g:(i + 1) * g], out.logprobs[i * g:(i + 1) * g],
+                          out.truncated[i * g:(i + 1) * g], tokenizer, reward)
+              for i, r in enumerate(records)]
+    if timer is not None:
+        timer["generate"] = timer.get("generate", 0.0) + scored - start
+        timer["reward"] = timer.get("reward", 0.0) + time.perf_counter() - scored
+    return groups
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where prompt and response sit in a train row."""
+
+    max_prompt_length: int
+    max_response_length: int
+    pad_id: int
+
+    @property
+    def width(self) -> int:
+        return self.max_prompt_length + self.max_response_length
+
+
+def pack(groups: Sequence[Group], layout: Layout, rows: int) -> dict[str, np.ndarray]:
+    """tokens / attention_mask / loss_mask [rows, width] for the groups' answers, in order; rows past
+    the last answer are padding (all masks 0), so a partial batch keeps the compiled shape."""
+    p = layout.max_prompt_length
+    tokens = np.full((rows, layout.width), layout.pad_id, np.int32)
+    attention = np.zeros((rows, layout.width), np.int32)
+    loss = np.zeros((rows, layout.width), np.int32)
+    row = 0
+    for group in groups:
+        prompt = group.record.prompt_ids
+        if len(prompt) > p:
+            raise ValueError(f"prompt {group.record.origin} has {len(prompt)} tokens > max_prompt_length={p}")
+        for response in group.responses:
+            if row == rows:
+                raise ValueError(f"the groups hold more than {rows} answers")
+            tokens[row, p - len(prompt):p] = prompt
+            tokens[row, p:p + len(response)] = response
+            attention[row, p - len(prompt):p + len(response)] = 1
+            loss[row, p:p + len(response)] = 1
+            row += 1
+    return {"tokens": tokens, "attention_mask": attention, "loss_mask": loss}
+
+
+def advantages(groups: Sequence[Group], rows: int, *, norm_by_std: bool) -> np.ndarray:
+    """[rows] group advantages (padding rows 0)."""
+    rewards = [r for g in groups for r in g.rewards]
+    ids = [i for i, g in enumerate(groups) for _ in g.rewards]
+    out = np.zeros((rows,), np.float32)
+    if rewards:
+        out[:len(rewards)] = algorithm.group_advantages(rewards, ids, norm_by_std=norm_by_std)
+    return out
+
+
+def make_logprob_fn(model_config, *, temperature: float, chunk_rows: int, mesh=None):
+    """`logprobs(params, batch) -> [rows, width]` log pi(tokens[t] | tokens[<t]), computed `chunk_rows`
+    rows at a time by one compiled function (rows are padded up to a multiple of chunk_rows)."""
+    if mesh is None:
+        jitted = jax.jit(lambda params, t, m: token_logprobs(model_config, params, t, m, temperature)[0])
+    else:
+        rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        jitted = jax.jit(lambda params, t, m: token_logprobs(model_config, params, t, m, temperature)[0],
+                         in_shardings=(None, rows_sharding, rows_sharding), out_shardings=rows_sharding)
+
+    def logprobs(params, tokens: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        n = tokens.shape[0]
+        padded = -(-n // chunk_rows) * chunk_rows
+        pad = ((0, padded - n), (0, 0))
+        tokens, attention_mask = np.pad(tokens, pad), np.pad(attention_mask, pad)
+        chunks = []
+        for start in range(0, padded, chunk_rows):
+            part = jitted(params, tokens[start:start + chunk_rows], attention_mask[start:start + chunk_rows])
+            chunks.append(sharding.to_host(part))
+        return np.concatenate(chunks)[:n]
+
+    return logprobs
+
+
+def attach_old_logp(groups: Sequence[Group], params, logprob_fn, layout: Layout) -> None:
+    """Fill each group's old_logp with log-probs under `params` (the parameters that generated it)."""
+    todo = [g for g in groups if g.old_logp is None]
+    if not todo:
+        return
+    rows = sum(len(g.responses) for g in todo)
+    batch = pack(todo, layout, rows)
+    logp = logprob_fn(params, batch["tokens"], batch["attention_mask"])
+    p, row = layout.max_prompt_length, 0
+    for g in todo:
+        g.old_logp = []
+        for response in g.responses:
+            g.old_logp.append(logp[row, p:p + len(response)].astype(float).tolist())
+            row += 1
+
+
+def train_batch(groups: Sequence[Group], layout: Layout, rows: int, *, norm_by_std: bool,
+                overlong_filter: bool) -> dict[str, np.ndarray]:
+    """The train step's batch: packed rows, their old log-probs and advantages.
+
+    overlong_filter drops truncated answers from the loss (their advantage still counts in the
+    group's baseline, as in the paper's ablation).
+    """
+    batch = pack(groups, layout, rows)
+    old = np.zeros((rows, layout.width), np.float32)
+    p, row = layout.max_prompt_length, 0
+    for g in groups:
+        for response, logp, truncated in zip(g.responses, g.old_logp, g.truncated):
+            old[row, p:p + len(response)] = logp
+            if overlong_filter and truncated:
+                batch["loss_mask"][row] = 0
+            row += 1
+    batch["old_logp"] = old
+    batch["advantages"] = advantages(groups, rows, norm_by_std=norm_by_std)
+    return batch

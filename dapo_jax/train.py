@@ -1,0 +1,366 @@
+"""DAPO training: the host loop between the jitted sampler, log-prob and update calls.
+
+    python -m dapo_jax.train                                   # the embedded default, into a fresh workdir
+    python -m dapo_jax.train --config configs/qwen2_5_0_5b.py --workdir runs/0.5b [--config.steps=10]
+
+One rollout step:
+
+    prompts -> generate G answers (jitted) -> score + overlong shaping (host)
+      -> dynamic sampling: more generation batches until prompts_per_step groups disagree (host)
+      -> old log-probs under the generating parameters (jitted) -> group advantages (host)
+      -> mini-batch updates (jitted) -> metrics; checkpoint and evaluation on their schedules
+
+A workdir holds everything of a run: config.json, metrics.jsonl, tensorboard/, checkpoints/, eval/,
+and at the end hf_final/ (the policy as a Hugging Face checkpoint). Starting a run in a workdir
+that has checkpoints resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from dapo_jax import checkpoints, config as config_lib, dynamic_sampling, evaluation, hf, metrics as metrics_lib
+from dapo_jax import rollout, sharding, train_step as train_step_lib
+from dapo_jax.data import datasets, synthetic
+from dapo_jax.models.loading import load_model
+from dapo_jax.tokenizer import QWEN_DEFAULT_SYSTEM, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+# -- what a run is made of --------------------------------------------------------------------------
+
+
+def model_source(cfg: ml_collections.ConfigDict) -> str:
+    if cfg.model.path != "embedded":
+        return cfg.model.path
+    if not (config_lib.EMBEDDED_MODEL / "config.json").is_file():
+        raise FileNotFoundError(f"the embedded model is missing from {config_lib.EMBEDDED_MODEL}; rebuild it with "
+                                f"`python -m dapo_jax.warmup`")
+    return str(config_lib.EMBEDDED_MODEL)
+
+
+def load_policy_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
+    source = cfg.model.tokenizer or model_source(cfg)
+    if source.startswith("random:"):
+        raise ValueError("a random model has no tokenizer files: set model.tokenizer to a tokenizer directory or file")
+    return load_tokenizer(source)
+
+
+def system_prompt(cfg: ml_collections.ConfigDict) -> str | None:
+    text = cfg.data.system_prompt
+    return None if text == "" else QWEN_DEFAULT_SYSTEM if text == "qwen" else text
+
+
+def synthetic_task(cfg: ml_collections.ConfigDict) -> synthetic.SyntheticTask:
+    s = cfg.data.synthetic
+    return synthetic.SyntheticTask(min_ops=s.min_ops, max_ops=s.max_ops, max_operand=s.max_operand,
+                                   operators=s.operators, eval_fraction=s.eval_fraction, instruction=s.instruction)
+
+
+def load_prompts(cfg: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer) -> list[datasets.PromptRecord]:
+    """The train or eval split's prompt records (files validated, deduplicated and tokenised)."""
+    spec = cfg.data.train if split == "train" else cfg.data.eval
+    d = cfg.data
+    encode = dict(max_prompt_length=d.max_prompt_length, truncation=d.truncation, system_prompt=system_prompt(cfg))
+    if spec == "synthetic":
+        # Training draws problems as the task generates them (short chains recur, as in the warm-up);
+        # evaluation takes distinct problems, each scored over its k samples.
+        n = d.synthetic.train_problems if split == "train" else d.eval_problems
+        # The evaluation problems do not depend on the run's seed, so runs with different seeds compare.
+        rows = synthetic.rows(synthetic_task(cfg), split, n, seed=cfg.seed if split == "train" else 0,
+                              unique=split == "eval")
+        records, _ = datasets.encode_rows(rows, tokenizer,
+                                          origin_prefix=f"synthetic:{split}:", **encode)
+    else:
+        records = []
+        for path in (p.strip() for p in spec.split(",") if p.strip()):
+            loaded = datasets.load_rows(path, skip_bad_rows=d.skip_bad_rows, dedup=d.dedup)
+            log.info("%s: %d rows read, %d duplicates dropped, %d bad rows skipped", path, loaded.num_read,
+                     loaded.duplicates_dropped, loaded.bad_rows_skipped)
+            part, _ = datasets.encode_rows(loaded.rows, tokenizer, origin_prefix=f"{path}:",
+                                           row_numbers=loaded.row_numbers, **encode)
+            records.extend(part)
+        if split == "eval" and d.eval_problems:
+            records = records[:d.eval_problems]
+    if not records:
+        raise datasets.DataError(f"the {split} data {spec!r} holds no prompts")
+    return records
+
+
+def seed_for(*parts: int) -> int:
+    """A sampler seed that depends only on the run seed and where in the run it is used."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+@dataclasses.dataclass
+class HostState:
+    """What the loop carries between steps besides the train state; saved with every checkpoint."""
+
+    step: int = 0
+    stream: dict | None = None
+    carry: list = dataclasses.field(default_factory=list)
+    generated_tokens: int = 0
+    trained_tokens: int = 0
+    eval_before: dict | None = None
+
+    def to_json(self, carry_groups) -> dict:
+        return {**dataclasses.asdict(self), "carry": [g.to_json() for g in carry_groups]}
+
+
+class Run:
+    """The loaded pieces of a run; `step()` is one rollout step."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: Path):
+        self.cfg, self.workdir = cfg, workdir
+        self.mesh = sharding.make_mesh(**cfg.mesh)
+        self.tokenizer = load_policy_tokenizer(cfg)
+        self.model_config, params = load_model(model_source(cfg), dtype=cfg.model.param_dtype,
+                                               compute_dtype=cfg.model.compute_dtype,
+                                               remat_policy=cfg.model.remat_policy, mesh=self.mesh, seed=cfg.seed)
+        r = cfg.rollout
+        length = cfg.data.max_prompt_length + r.max_response_length
+        if length > self.model_config.max_position_embeddings:
+            raise config_lib.ConfigError(
+                f"data.max_prompt_length + rollout.max_response_length = {length} exceeds the model's "
+                f"max_position_embeddings={self.model_config.max_position_embeddings}; shorten one of them")
+        if self.tokenizer.vocab_size > self.model_config.vocab_size:
+            raise config_lib.ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model only "
+                                         f"{self.model_config.vocab_size}; use the model's own tokenizer")
+        self.train_records = load_prompts(cfg, "train", self.tokenizer)
+        self.eval_records = load_prompts(cfg, "eval", self.tokenizer)
+        self.stream = datasets.PromptStream(self.train_records, seed=cfg.seed)
+
+        self.layout = rollout.Layout(cfg.data.max_prompt_length, r.max_response_length, self.tokenizer.pad_id)
+        self.reward = rollout.RewardConfig(r.max_response_length, cfg.reward.overlong_buffer,
+                                           cfg.reward.overlong_penalty_factor)
+        self.rows = r.prompts_per_step * r.samples_per_prompt
+        num_minibatches = self.rows // cfg.optim.minibatch_size
+        micro = cfg.optim.microbatch_size or cfg.optim.minibatch_size
+        a, o = cfg.algorithm, cfg.optim
+        self.optim_config = train_step_lib.OptimizerConfig(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
+                                                           weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+        self.updates_per_step = num_minibatches
+        optimizer = train_step_lib.make_optimizer(self.optim_config, num_minibatches)
+        loss_config = train_step_lib.LossConfig(
+            clip_low=a.clip_low, clip_high=a.clip_high, clip_c=a.clip_c or None, agg_mode=a.agg_mode,
+            kl_coef=a.kl_coef, entropy_coef=a.entropy_coef, temperature=r.temperature,
+            norm_constant=float(r.max_response_length) if a.agg_mode == "seq-mean-token-sum-norm" else None)
+        if a.kl_coef:
+            raise config_lib.ConfigError("algorithm.kl_coef > 0 needs a reference policy, which DAPO drops; set it to 0")
+        self.state = train_step_lib.init_train_state(params, optimizer)
+        self.train_step = train_step_lib.make_train_step(
+            self.model_config, loss_config, optimizer, num_minibatches=num_minibatches,
+            num_microbatches=cfg.optim.minibatch_size // micro, mesh=self.mesh)
+        self.logprobs = rollout.make_logprob_fn(self.model_config, temperature=r.temperature, chunk_rows=micro,
+                                                mesh=self.mesh)
+        self.host = HostState()
+        self.carry: list[rollout.Group] = []
+
+    # -- one rollout step ----------------------------------------------------------------------------
+
+    def draw(self, step: int, batch_index: int, timer: dict) -> list[rollout.Group]:
+        r = self.cfg.rollout
+        records = self.stream.next_records(r.gen_prompts_per_batch)
+        return rollout.generate_groups(
+            self.model_config, self.state.params, records, self.tokenizer, samples_per_prompt=r.samples_per_prompt,
+            reward=self.reward, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            seed=seed_for(self.cfg.seed, step, batch_index), prompt_bucket=r.prompt_bucket, mesh=self.mesh,
+            timer=timer)
+
+    def step(self, step: int) -> dict[str, float]:
+        r, timer = self.cfg.rollout, {"generate": 0.0, "reward": 0.0}
+        start = time.perf_counter()
+        batches = iter(range(r.max_gen_batches + 1))
+        collected = dynamic_sampling.collect(
+            step, r.prompts_per_step, self.carry, lambda: self.draw(step, next(batches), timer),
+            dynamic=r.dynamic_sampling, carry_over=r.carry_over, max_gen_batches=r.max_gen_batches,
+            on_limit=r.on_gen_batch_limit)
+        if collected.partial:
+            log.warning("step %d: training on a partial batch of %d of %d groups (rollout.on_gen_batch_limit="
+                        "'train_partial')", step, len(collected.groups), r.prompts_per_step)
+
+        t = time.perf_counter()
+        rollout.attach_old_logp(collected.groups + collected.carry, self.state.params, self.logprobs, self.layout)
+        old_logp_seconds = time.perf_counter() - t
+        batch = rollout.train_batch(collected.groups, self.layout, self.rows, norm_by_std=self.cfg.algorithm.norm_by_std,
+                                    overlong_filter=self.cfg.reward.overlong_filter)
+
+        t = time.perf_counter()
+        updates_before = int(self.state.updates)
+        self.state, step_metrics = self.train_step(self.state, batch)
+        step_metrics = {f"actor/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
+        update_seconds = time.perf_counter() - t
+
+        self.carry = collected.carry
+        generated_tokens = sum(g.num_tokens for g in collected.generated)
+        trained_tokens = int(batch["loss_mask"].sum())
+        self.host.generated_tokens += generated_tokens
+        self.host.trained_tokens += trained_tokens
+        seconds = time.perf_counter() - start
+        lr = train_step_lib.learning_rate_schedule(self.optim_config, self.updates_per_step)(updates_before)
+        out = {
+            **metrics_lib.rollout_metrics(collected.generated, collected.groups),
+            **step_metrics,
+            "actor/lr": float(lr),
+            "rollout/logp_mismatch": logp_mismatch(collected.groups),
+            "dynamic_sampling/gen_batches": collected.gen_batches,
+            "dynamic_sampling/filtered_frac": collected.filtered / max(len(collected.generated), 1),
+            "dynamic_sampling/groups_trained": len(collected.groups),
+            "dynamic_sampling/carried_in": collected.carried_in,
+            "dynamic_sampling/carried_out": len(collected.carry),
+            "dynamic_sampling/partial_batch": float(collected.partial),
+            "dynamic_sampling/trained_token_frac": self.host.trained_tokens / max(self.host.generated_tokens, 1),
+            "time/generate": timer["generate"], "time/reward": timer["reward"], "time/old_logp": old_logp_seconds,
+            "time/update": update_seconds, "time/step": seconds,
+            "perf/generated_tokens_per_s": generated_tokens / max(timer["generate"], 1e-9),
+            "perf/tokens_per_s": (generated_tokens + trained_tokens) / seconds,
+        }
+        return out
+
+    # -- evaluation and checkpoints ------------------------------------------------------------------
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        e = self.cfg.eval
+        start = time.perf_counter()
+        metrics, results = evaluation.run_evaluation(
+            self.model_config, self.state.params, self.eval_records, self.tokenizer, samples_per_prompt=e.samples_per_prompt,
+            temperature=e.temperature, top_p=e.top_p, max_response_length=self.cfg.rollout.max_response_length,
+            prompts_per_batch=e.prompts_per_batch, seed=seed_for(self.cfg.seed, 1 << 30), mesh=self.mesh,
+            prompt_bucket=self.cfg.rollout.prompt_bucket)
+        metrics["time/eval"] = time.perf_counter() - start
+        if jax.process_index() == 0:
+            out = self.workdir / "eval" / f"step_{step}.jsonl"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("".join(json.dumps(r) + "\n" for r in results))
+        return metrics
+
+    def host_json(self) -> dict:
+        self.host.stream = self.stream.get_state()
+        return self.host.to_json(self.carry)
+
+    def restore(self, checkpointer: checkpoints.Checkpointer, step: int) -> None:
+        self.state, host = checkpointer.restore(step, self.state)
+        self.host = HostState(**{**host, "carry": []})
+        self.carry = [rollout.Group.from_json(g) for g in host["carry"]]
+        self.stream.set_state(host["stream"])
+
+
+def logp_mismatch(groups) -> float:
+    """Mean |sampler log-prob - recomputed log-prob| per token: near 0 unless the sampler and the
+    trainer disagree (or top-p / top-k truncation changes the sampling distribution)."""
+    diffs = [abs(a - b) for g in groups for s, o in zip(g.sampler_logp, g.old_logp) for a, b in zip(s, o)]
+    return float(np.mean(diffs)) if diffs else 0.0
+
+
+def _avg_key(metrics: dict) -> str:
+    return next(k for k in metrics if k.startswith(f"eval/{evaluation.ALL_SOURCES}/avg@"))
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
+          on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Train (or resume) in `workdir`; returns the last evaluation's metrics and the before/after summary."""
+    config_lib.validate(cfg, jax.device_count())
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(cfg.to_json(indent=1))
+    run = Run(cfg, workdir)
+    checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep)
+    writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.tensorboard)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        run.restore(checkpointer, latest)
+        log.info("resumed from %s at step %d", workdir / "checkpoints", latest)
+    say = print if jax.process_index() == 0 else (lambda *_: None)
+
+    if run.host.eval_before is None:
+        run.host.eval_before = run.evaluate(0)
+        writer.write(0, run.host.eval_before)
+        say(f"held-out evaluation before training:\n{evaluation.format_table(run.host.eval_before)}", flush=True)
+
+    bar = tqdm.tqdm(total=cfg.steps, initial=run.host.step, desc="rollout steps", disable=jax.process_index() != 0,
+                    dynamic_ncols=True)
+    with checkpoints.StopRequest() as stop:
+        while run.host.step < cfg.steps:
+            step = run.host.step
+            step_metrics = run.step(step)
+            run.host.step = step + 1
+            done = run.host.step == cfg.steps
+            if cfg.eval.every and run.host.step % cfg.eval.every == 0 and not done:
+                step_metrics.update(run.evaluate(run.host.step))
+            if run.host.step % cfg.log_every == 0 or done:
+                writer.write(run.host.step, step_metrics)
+            bar.update(1)
+            bar.set_postfix(acc=f"{step_metrics.get('rollout/acc_mean', 0):.3f}",
+                            len=f"{step_metrics.get('rollout/response_length_mean', 0):.1f}",
+                            gen=step_metrics["dynamic_sampling/gen_batches"])
+            if on_step_end is not None:
+                on_step_end(run.host.step)
+            stopping = stop.agreed()
+            if run.host.step % cfg.checkpoint.every == 0 or done or stopping:
+                checkpointer.save(run.host.step, run.state, run.host_json())
+            if stopping:
+                bar.close()
+                checkpointer.close()
+                writer.close()
+                say(f"stopped by a signal after step {run.host.step}; checkpoint saved, rerun to resume", flush=True)
+                return {}
+    bar.close()
+    checkpointer.close()
+
+    final = run.evaluate(run.host.step)
+    key = _avg_key(final)
+    before, after = run.host.eval_before[key], final[key]
+    summary = {f"summary/{key.split('/')[-1]}_before": before, f"summary/{key.split('/')[-1]}_after": after,
+               f"summary/{key.split('/')[-1]}_gain": after - before}
+    writer.write(run.host.step, {**final, **summary})
+    writer.close()
+    say(f"held-out evaluation after {run.host.step} steps:\n{evaluation.format_table(final)}")
+    say(f"held-out {key.removeprefix('eval/')}: {before:.4f} before training -> {after:.4f} after "
+        f"({100 * (after - before):+.1f} points)", flush=True)
+    if cfg.checkpoint.export_hf:
+        out = hf.save_hf_checkpoint(workdir / "hf_final", run.model_config, run.state.params, overwrite=True,
+                                    copy_files_from=_tokenizer_dir(cfg))
+        say(f"final policy written as a Hugging Face checkpoint to {out}", flush=True)
+    return {**final, **summary}
+
+
+def _tokenizer_dir(cfg) -> Path | None:
+    source = Path(cfg.model.tokenizer or model_source(cfg))
+    return source if source.is_dir() else source.parent if source.exists() else None
+
+
+def main(argv):
+    from absl import flags
+
+    del argv
+    cfg = flags.FLAGS.config
+    workdir = flags.FLAGS.workdir or f"runs/dapo-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+        print(f"workdir: {workdir}", flush=True)
+    train(cfg, workdir)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", str(Path(config_lib.__file__)), "a config file (get_config())",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", "", "the run's directory; a fresh one under runs/ by default. A workdir with "
+                                       "checkpoints resumes from the latest")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app.run(main)

@@ -1,0 +1,95 @@
+"""The training loop end to end, on the embedded model and an 8-device mesh: a few rollout steps with
+metrics, TensorBoard, checkpoints and the Hugging Face export; a SIGTERM stop and resume that ends
+with exactly the parameters of an uninterrupted run; the generation-batch limit; bad configs."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from dapo_jax import config as config_lib, dynamic_sampling, hf, train
+from dapo_jax.metrics import read_metrics
+
+
+def small_config(steps=3):
+    c = config_lib.default_config()
+    c.steps = steps
+    c.rollout.prompts_per_step = 4
+    c.rollout.samples_per_prompt = 4
+    c.rollout.gen_prompts_per_batch = 8
+    c.rollout.on_gen_batch_limit = "train_partial"
+    c.optim.minibatch_size = 8  # 2 updates per step, 8 rows: one per device
+    c.data.synthetic.train_problems = 200
+    c.data.eval_problems = 8
+    c.eval.samples_per_prompt = 2
+    c.eval.every = 2
+    c.checkpoint.every = 1
+    return c
+
+
+def params_of(workdir):
+    _, params = hf.load_hf_checkpoint(workdir / "hf_final")
+    return jax.tree_util.tree_leaves(params)
+
+
+def test_a_run_logs_checkpoints_and_exports(tmp_path):
+    out = train.train(small_config(steps=3), tmp_path)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 3]
+    assert "eval/all/avg@2" in records[0] and "eval/all/avg@2" in records[2]  # before training, and every 2 steps
+    for key in ("rollout/acc_mean", "rollout/reward_mean", "rollout/response_length_mean", "rollout/truncated_frac",
+                "actor/entropy", "actor/token_prob", "actor/clip_frac_high", "actor/clip_frac_low", "actor/approx_kl",
+                "actor/grad_norm", "actor/lr", "dynamic_sampling/gen_batches", "dynamic_sampling/filtered_frac",
+                "dynamic_sampling/trained_token_frac", "perf/tokens_per_s", "time/generate", "time/reward",
+                "time/old_logp", "time/update", "rollout/logp_mismatch"):
+        assert key in records[1], key
+    assert records[1]["rollout/logp_mismatch"] < 1e-4  # the sampler and the trainer agree on log-probs
+    assert records[1]["actor/updates_applied"] == 2
+    summary = records[-1]
+    assert summary["summary/avg@2_after"] == out["summary/avg@2_after"] == summary["eval/all/avg@2"]
+    assert summary["summary/avg@2_before"] == records[0]["eval/all/avg@2"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]  # keep=2
+    assert len((tmp_path / "eval" / "step_0.jsonl").read_text().splitlines()) == 8 * 2
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 3
+    embedded = jax.tree_util.tree_leaves(hf.load_hf_checkpoint(config_lib.EMBEDDED_MODEL)[1])
+    assert any(not np.array_equal(a, b) for a, b in zip(params_of(tmp_path), embedded))  # it trained
+    assert (tmp_path / "hf_final" / "tokenizer.json").is_file()
+
+
+def test_stop_and_resume_gives_the_same_parameters_as_never_stopping(tmp_path):
+    train.train(small_config(steps=4), tmp_path / "straight")
+
+    def sigterm_after_step_2(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert train.train(small_config(steps=4), tmp_path / "stopped", on_step_end=sigterm_after_step_2) == {}
+    assert not (tmp_path / "stopped" / "hf_final").exists()
+    assert [r["step"] for r in read_metrics(tmp_path / "stopped")] == [0, 1, 2]
+    train.train(small_config(steps=4), tmp_path / "stopped")  # resumes from the step-2 checkpoint
+    for a, b in zip(params_of(tmp_path / "straight"), params_of(tmp_path / "stopped")):
+        np.testing.assert_array_equal(a, b)
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "stopped")
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4, 4]
+    assert resumed[3]["rollout/acc_mean"] == straight[3]["rollout/acc_mean"]
+
+
+def test_the_generation_batch_limit_stops_with_an_explanation(tmp_path):
+    c = small_config(steps=1)
+    c.rollout.on_gen_batch_limit = "error"
+    c.rollout.max_gen_batches = 2
+    c.data.synthetic.update(min_ops=3, max_ops=3, max_operand=900)  # far beyond the warmed-up model
+    with pytest.raises(dynamic_sampling.GenerationBatchLimit, match="max_gen_batches=2.*all wrong.*too hard"):
+        train.train(c, tmp_path)
+
+
+def test_an_invalid_config_fails_before_anything_is_loaded(tmp_path):
+    c = small_config()
+    c.optim.minibatch_size = 5
+    with pytest.raises(config_lib.ConfigError, match="minibatch_size=5 does not divide the 16 answers"):
+        train.train(c, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
