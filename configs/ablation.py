@@ -8,10 +8,9 @@ soft_overlong, token_level_loss, dapo (= the full recipe). The base is the embed
 runs on a CPU) unless ",32b", ",0_5b", ",1_5b" or ",7b" follows the rung.
 """
 
-import importlib.util
 from pathlib import Path
 
-from dapo_jax.config import ablation, default_config
+from dapo_jax.config import ablation, default_config, load_config_file
 
 _BASES = {"32b": "dapo_qwen2_5_32b.py", "0_5b": "qwen2_5_0_5b.py", "1_5b": "qwen2_5_1_5b.py", "7b": "qwen2_5_7b.py"}
 
@@ -21,10 +20,7 @@ def _base(name):
         return default_config()
     if name not in _BASES:
         raise ValueError(f"unknown base {name!r} for the ablation ladder; use tiny or one of {sorted(_BASES)}")
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(_BASES[name]))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(Path(__file__).with_name(_BASES[name])).get_config()
 
 
 def get_config(arg="dapo"):

@@ -62,3 +62,18 @@ def get_config():
     c.checkpoint.keep = 3
     c.mesh.update(data=1, fsdp=-1, tensor=8)
     return c
+
+
+def at_size(name: str, *, max_response_length: int, overlong_buffer: int, prompts_per_step: int,
+            minibatch_size: int, microbatch_size: int, tensor: int):
+    """The same recipe for a smaller Qwen2.5: shorter answers, smaller batches, the same algorithm."""
+    c = get_config()
+    c.model.path = f"checkpoints/Qwen2.5-{name}"
+    c.rollout.max_response_length = max_response_length
+    c.reward.overlong_buffer = overlong_buffer
+    c.rollout.prompts_per_step = prompts_per_step
+    c.rollout.gen_prompts_per_batch = 3 * prompts_per_step
+    c.optim.minibatch_size = minibatch_size
+    c.optim.microbatch_size = microbatch_size
+    c.mesh.update(data=1, fsdp=-1, tensor=tensor)
+    return c

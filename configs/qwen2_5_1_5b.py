@@ -1,26 +1,16 @@
 """DAPO's algorithm on Qwen2.5-1.5B: the paper's recipe (configs/dapo_qwen2_5_32b.py) at a size one host
 (one accelerator machine, or a small TPU slice) can try, with shorter answers and smaller batches.
 
-    python -m dapo_jax.train --config configs/qwen2_5_1_5b.py --workdir runs/qwen2_5_1_5b \
+    python -m dapo_jax.train --config configs/qwen2_5_1_5b.py --workdir runs/qwen2_5_1_5b \\
         --config.model.path=/path/to/Qwen2.5-1.5B --config.data.train=... --config.data.eval=...
 """
 
-import importlib.util
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("dapo_32b", Path(__file__).with_name("dapo_qwen2_5_32b.py"))
-_recipe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_recipe)
+from dapo_jax.config import load_config_file
 
 
 def get_config():
-    c = _recipe.get_config()
-    c.model.path = "checkpoints/Qwen2.5-1.5B"
-    c.rollout.max_response_length = 8192
-    c.reward.overlong_buffer = 2048
-    c.rollout.prompts_per_step = 64
-    c.rollout.gen_prompts_per_batch = 3 * 64
-    c.optim.minibatch_size = 256
-    c.optim.microbatch_size = 16
-    c.mesh.update(data=1, fsdp=-1, tensor=1)
-    return c
+    recipe = load_config_file(Path(__file__).with_name("dapo_qwen2_5_32b.py"))
+    return recipe.at_size("1.5B", max_response_length=8192, overlong_buffer=2048, prompts_per_step=64,
+                          minibatch_size=256, microbatch_size=16, tensor=1)

@@ -1,6 +1,7 @@
 """Checkpoints with orbax: the train state (params, optimizer state, counters) as arrays in their
 shardings, and the host state (data position, carried-over groups, running totals) as JSON, saved
-together under one step so that a resumed run continues exactly where it stopped.
+together under one step so that a resumed run continues exactly where it stopped. The random state
+needs no saving: every sampler seed is derived from (config seed, rollout step, generation batch).
 
     <workdir>/checkpoints/<step>/{state, host}
 

@@ -129,6 +129,16 @@ def ablation(cfg: ml_collections.ConfigDict, rung: str) -> ml_collections.Config
     return c
 
 
+def load_config_file(path: str | Path):
+    """The module of an ml_collections config file (its get_config, and whatever else it defines)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def get_config() -> ml_collections.ConfigDict:
     """The embedded default, for `--config` (ml_collections config files define get_config)."""
     return default_config()
@@ -161,9 +171,11 @@ def problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
         out.append(f"algorithm.clip_c={a.clip_c} must be > 1 (the public script: 10), or 0 to turn dual clip off")
     if a.agg_mode not in AGG_MODES:
         out.append(f"algorithm.agg_mode={a.agg_mode!r}: use one of {AGG_MODES}")
-    for name in ("kl_coef", "entropy_coef"):
-        if a[name] < 0:
-            out.append(f"algorithm.{name}={a[name]} must be >= 0")
+    if a.kl_coef:
+        out.append(f"algorithm.kl_coef={a.kl_coef}: the KL penalty needs a reference policy, which DAPO drops and "
+                   f"this loop does not keep; set it to 0")
+    if a.entropy_coef < 0:
+        out.append(f"algorithm.entropy_coef={a.entropy_coef} must be >= 0")
     if r.samples_per_prompt < 1 or r.prompts_per_step < 1 or r.gen_prompts_per_batch < 1:
         out.append("rollout.prompts_per_step, samples_per_prompt and gen_prompts_per_batch must be >= 1")
     elif r.dynamic_sampling and r.samples_per_prompt < 2:

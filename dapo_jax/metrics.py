@@ -1,5 +1,6 @@
 """Where a run's figures go: `<workdir>/metrics.jsonl` (one JSON object per line, with `step`) and
-TensorBoard event files in `<workdir>/tensorboard`, written by the first process only.
+TensorBoard event files in `<workdir>/tensorboard` (the same names, "@" spelled "_at_"), written by
+the first process only.
 
     tensorboard --logdir <workdir>/tensorboard
     python -c "import pandas; print(pandas.read_json('<workdir>/metrics.jsonl', lines=True))"
@@ -40,7 +41,7 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, step)
+                    self._tb.add_scalar(k.replace("@", "_at_"), v, step)  # TensorBoard tags have no "@"
             self._tb.flush()
 
     def close(self) -> None:

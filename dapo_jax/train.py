@@ -86,8 +86,9 @@ def load_prompts(cfg: ml_collections.ConfigDict, split: str, tokenizer: Tokenize
         records = []
         for path in (p.strip() for p in spec.split(",") if p.strip()):
             loaded = datasets.load_rows(path, skip_bad_rows=d.skip_bad_rows, dedup=d.dedup)
-            log.info("%s: %d rows read, %d duplicates dropped, %d bad rows skipped", path, loaded.num_read,
-                     loaded.duplicates_dropped, loaded.bad_rows_skipped)
+            if jax.process_index() == 0:
+                print(f"{path}: {loaded.num_read} rows read, {loaded.duplicates_dropped} duplicate prompts dropped, "
+                      f"{loaded.bad_rows_skipped} bad rows skipped, {len(loaded.rows)} kept", flush=True)
             part, _ = datasets.encode_rows(loaded.rows, tokenizer, origin_prefix=f"{path}:",
                                            row_numbers=loaded.row_numbers, **encode)
             records.extend(part)
@@ -156,8 +157,6 @@ class Run:
             clip_low=a.clip_low, clip_high=a.clip_high, clip_c=a.clip_c or None, agg_mode=a.agg_mode,
             kl_coef=a.kl_coef, entropy_coef=a.entropy_coef, temperature=r.temperature,
             norm_constant=float(r.max_response_length) if a.agg_mode == "seq-mean-token-sum-norm" else None)
-        if a.kl_coef:
-            raise config_lib.ConfigError("algorithm.kl_coef > 0 needs a reference policy, which DAPO drops; set it to 0")
         self.state = train_step_lib.init_train_state(params, optimizer)
         self.train_step = train_step_lib.make_train_step(
             self.model_config, loss_config, optimizer, num_minibatches=num_minibatches,
@@ -281,10 +280,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
     checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep)
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.tensorboard)
     latest = checkpointer.latest_step()
+    say = print if jax.process_index() == 0 else (lambda *_, **__: None)
     if latest is not None:
         run.restore(checkpointer, latest)
-        log.info("resumed from %s at step %d", workdir / "checkpoints", latest)
-    say = print if jax.process_index() == 0 else (lambda *_: None)
+        say(f"resumed from {workdir / 'checkpoints'} at step {latest}", flush=True)
 
     if run.host.eval_before is None:
         run.host.eval_before = run.evaluate(0)
@@ -304,9 +303,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
             if run.host.step % cfg.log_every == 0 or done:
                 writer.write(run.host.step, step_metrics)
             bar.update(1)
-            bar.set_postfix(acc=f"{step_metrics.get('rollout/acc_mean', 0):.3f}",
-                            len=f"{step_metrics.get('rollout/response_length_mean', 0):.1f}",
-                            gen=step_metrics["dynamic_sampling/gen_batches"])
+            bar.set_postfix(batch_acc=f"{step_metrics.get('batch/acc_mean', 0):.3f}",
+                            gen_batches=step_metrics["dynamic_sampling/gen_batches"],
+                            entropy=f"{step_metrics.get('actor/entropy', 0):.3f}")
             if on_step_end is not None:
                 on_step_end(run.host.step)
             stopping = stop.agreed()
@@ -344,9 +343,10 @@ def _tokenizer_dir(cfg) -> Path | None:
 
 
 def main(argv):
-    from absl import flags
+    from absl import flags, logging as absl_logging
 
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax narrates every save at INFO
     cfg = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or f"runs/dapo-{time.strftime('%Y%m%d-%H%M%S')}"
     if jax.process_index() == 0:
@@ -362,5 +362,4 @@ if __name__ == "__main__":
                                     lock_config=True)
     flags.DEFINE_string("workdir", "", "the run's directory; a fresh one under runs/ by default. A workdir with "
                                        "checkpoints resumes from the latest")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app.run(main)

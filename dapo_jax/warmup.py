@@ -3,12 +3,16 @@ the synthetic task's worked solutions just long enough to get some answers right
 rest), saved with its character-level tokenizer as a Hugging Face checkpoint.
 
     python -m dapo_jax.warmup                      # rebuilds dapo_jax/assets/synthetic_tiny
-    python -m dapo_jax.warmup --out /tmp/warm --steps 100
+    python -m dapo_jax.warmup --out /tmp/warm --steps 100 --label-smoothing 0
 
 Supervised warm-up is the usual start of RL for reasoning: a base model that never writes the
-answer format gets no reward signal at all. The loss is the mean negative log-likelihood of the
-solution tokens (prompt tokens are context only); the task, prompt format and lengths come from
-the embedded default config, so the checkpoint matches what `python -m dapo_jax.train` expects.
+answer format gets no reward signal at all. The loss is the negative log-likelihood of the solution
+tokens (prompt tokens are context only) with label smoothing 0.1: the target distribution keeps
+10% of its mass spread over the vocabulary, so the warmed-up model, like an undertrained base model,
+often samples a wrong digit at temperature 1 although its most likely answer is often right (with
+the defaults: avg@8 7.8%, maj@8 20%, pass@8 43.5% on 200 held-out problems). The task, prompt
+format and lengths come from the embedded default config, so the checkpoint matches what
+`python -m dapo_jax.train` expects.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from dapo_jax import config as config_lib, evaluation, hf, rollout, train as tra
 from dapo_jax.data import datasets, synthetic
 from dapo_jax.models import qwen2
 from dapo_jax.tokenizer import IM_END, build_char_tokenizer
-from dapo_jax.train_step import token_logprobs
 
 
 def model_config(vocab_size: int) -> qwen2.Qwen2Config:
@@ -52,7 +55,8 @@ def sft_batches(cfg, tokenizer, layout: rollout.Layout, batch_size: int, seed: i
         yield rollout.pack(groups, layout, batch_size)
 
 
-def warm_up(out: Path, *, steps: int, batch_size: int, learning_rate: float, seed: int) -> dict:
+def warm_up(out: Path, *, steps: int, batch_size: int, learning_rate: float, label_smoothing: float,
+            seed: int) -> dict:
     cfg = config_lib.default_config()
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_char_tokenizer(out)
@@ -65,9 +69,14 @@ def warm_up(out: Path, *, steps: int, batch_size: int, learning_rate: float, see
     @jax.jit
     def update(params, opt_state, batch):
         def nll(p):
-            logp, _ = token_logprobs(config, p, batch["tokens"], batch["attention_mask"])
-            mask = batch["loss_mask"].astype(jnp.float32)
-            return -jnp.sum(logp * mask) / jnp.sum(mask)
+            tokens, attention = batch["tokens"], batch["attention_mask"]
+            logits, _ = qwen2.Qwen2ForCausalLM(config).apply(
+                {"params": p}, tokens[:, :-1], qwen2.positions_from_mask(attention[:, :-1]), attention[:, :-1])
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+            target = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+            smoothed = (1.0 - label_smoothing) * target + label_smoothing * jnp.mean(logp, axis=-1)
+            mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+            return -jnp.sum(smoothed * mask) / jnp.sum(mask)
 
         loss, grads = jax.value_and_grad(nll)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -99,12 +108,14 @@ def warm_up(out: Path, *, steps: int, batch_size: int, learning_rate: float, see
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=config_lib.EMBEDDED_MODEL)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    warm_up(args.out, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed)
+    warm_up(args.out, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+            label_smoothing=args.label_smoothing, seed=args.seed)
 
 
 if __name__ == "__main__":

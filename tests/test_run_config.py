@@ -1,7 +1,6 @@
 """Run configs: every shipped config validates; invalid combinations fail before anything compiles,
 saying what to change; the ablation ladder switches the paper's techniques on one at a time."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,7 @@ CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def load(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, CONFIGS / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_lib.load_config_file(CONFIGS / name)
     return module.get_config() if arg is None else module.get_config(arg)
 
 
@@ -60,6 +57,7 @@ def problems_with(devices=1, **changes):
     (dict(rollout__on_gen_batch_limit="wait"), "rollout.on_gen_batch_limit='wait'"),
     (dict(data__truncation="right"), "data.truncation='right'"),
     (dict(rollout__top_p=0.0), "rollout.top_p=0.0 must be in (0, 1]"),
+    (dict(algorithm__kl_coef=0.01), "needs a reference policy"),
     (dict(mesh__tensor=3), "does not fit the 1 devices"),
 ])
 def test_invalid_combinations_say_what_to_change(changes, expected):

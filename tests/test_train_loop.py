@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from dapo_jax import config as config_lib, dynamic_sampling, hf, train
+from dapo_jax import config as config_lib, dynamic_sampling, evaluate, hf, train
 from dapo_jax.metrics import read_metrics
 
 
@@ -59,6 +59,12 @@ def test_a_run_logs_checkpoints_and_exports(tmp_path):
     assert any(not np.array_equal(a, b) for a, b in zip(params_of(tmp_path), embedded))  # it trained
     assert (tmp_path / "hf_final" / "tokenizer.json").is_file()
 
+    # The evaluation entry point on the run's latest checkpoint reproduces the run's final evaluation.
+    again = evaluate.evaluate(small_config(), tmp_path, tmp_path / "evaluated")
+    assert again["eval/all/avg@2"] == summary["eval/all/avg@2"]
+    assert len((tmp_path / "evaluated" / "samples.jsonl").read_text().splitlines()) == 8 * 2
+    assert "eval/all/pass@2" in evaluate.evaluate(small_config(), tmp_path / "hf_final", tmp_path / "from_hf")
+
 
 def test_stop_and_resume_gives_the_same_parameters_as_never_stopping(tmp_path):
     train.train(small_config(steps=4), tmp_path / "straight")
@@ -93,3 +99,23 @@ def test_an_invalid_config_fails_before_anything_is_loaded(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="minibatch_size=5 does not divide the 16 answers"):
         train.train(c, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_file_data_is_validated_deduplicated_and_tokenised(tmp_path):
+    path = tmp_path / "problems.jsonl"
+    rows = [{"problem": "2 + 3", "answer": 5}, {"problem": "2 + 3", "answer": 5}, {"problem": "7 - 1", "answer": "6"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = small_config()
+    c.data.train, c.data.max_prompt_length = str(path), 400
+    tokenizer = train.load_policy_tokenizer(c)
+    records = train.load_prompts(c, "train", tokenizer)
+    assert [r.ground_truth for r in records] == ["5", "6"]  # the repeated prompt is dropped
+    assert tokenizer.decode(records[0].prompt_ids).rstrip().endswith("assistant")
+
+    c.data.max_prompt_length, c.data.truncation = 40, "error"
+    with pytest.raises(ValueError, match=r"problems.jsonl:0.*data.max_prompt_length"):
+        train.load_prompts(c, "train", tokenizer)
+
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"problem": "1 + 1", "answer": ""}) + "\n")
+    with pytest.raises(ValueError, match=r"problems.jsonl: row 1.*skip_bad_rows"):
+        train.load_prompts(c, "train", tokenizer)
