@@ -23,27 +23,30 @@ from dapo_jax.models.loading import load_model
 from dapo_jax.tokenizer import load_tokenizer
 
 
-def _orbax_step(path: Path) -> tuple[Path, int | None]:
-    """(the checkpoints directory, the step or None for the latest) that `path` names."""
-    if (path / "checkpoints").is_dir():
+def _orbax_step(path: Path) -> tuple[Path, int | None] | None:
+    """(the checkpoints directory, the step or None for the latest) that `path` names, if it names one."""
+    if (path / "checkpoints").is_dir():  # a training workdir (its config.json is not a model's)
         return path / "checkpoints", None
     if path.name.isdigit() and path.parent.is_dir():
         return path.parent, int(path.name)
-    return path, None
+    return None
 
 
 def load_policy(cfg: ml_collections.ConfigDict, checkpoint: str | Path, mesh):
     """(model config, params) from a Hugging Face directory or an orbax training checkpoint."""
     path = Path(checkpoint)
     kwargs = dict(dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype, mesh=mesh)
-    if (path / "config.json").is_file():
+    orbax = _orbax_step(path)
+    if orbax is None:
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{checkpoint} is neither a Hugging Face directory (config.json) nor a training "
+                                    f"workdir (checkpoints/) nor a checkpoint step directory")
         return load_model(str(path), **kwargs)
-    directory, step = _orbax_step(path)
+    directory, step = orbax
     checkpointer = checkpoints.Checkpointer(directory, keep=1 << 30)
     step = checkpointer.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"{checkpoint} is neither a Hugging Face directory (config.json) nor a training "
-                                f"workdir or checkpoint with a saved step")
+        raise FileNotFoundError(f"{directory} holds no saved checkpoint yet")
     # The train state's structure (and so the optimizer's) must match what was saved.
     model_config, params = load_model(train.model_source(cfg), seed=cfg.seed, **kwargs)
     rows = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
@@ -56,7 +59,8 @@ def load_policy(cfg: ml_collections.ConfigDict, checkpoint: str | Path, mesh):
 def evaluate(cfg: ml_collections.ConfigDict, checkpoint: str | Path, out: str | Path) -> dict[str, float]:
     config_lib.validate(cfg, jax.device_count())
     mesh = sharding.make_mesh(**cfg.mesh)
-    own_tokenizer = not cfg.model.tokenizer and (Path(checkpoint) / "tokenizer.json").is_file()
+    own_tokenizer = not cfg.model.tokenizer and _orbax_step(Path(checkpoint)) is None and \
+        (Path(checkpoint) / "tokenizer.json").is_file()
     tokenizer = load_tokenizer(checkpoint) if own_tokenizer else train.load_policy_tokenizer(cfg)
     model_config, params = load_policy(cfg, checkpoint, mesh)
     records = train.load_prompts(cfg, "eval", tokenizer)

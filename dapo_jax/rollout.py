@@ -42,14 +42,14 @@ class Group:
 
     record: PromptRecord
     responses: list[list[int]]  # token ids, up to and including the end-of-sequence id
-    sampler_logp: list[list[float]]  # log-probs the sampler reported for those ids
+    sampler_logp: list[np.ndarray]  # float32 log-probs the sampler reported for those ids
     texts: list[str]
     scores: list[float]  # correctness: +1 / -1
     rewards: list[float]  # score + overlong penalty: what the advantage is computed from
     accs: list[bool]
     preds: list[str]
     truncated: list[bool]  # hit max_response_length without an end-of-sequence id
-    old_logp: list[list[float]] | None = None  # under the parameters that generated them
+    old_logp: list[np.ndarray] | None = None  # float32, under the parameters that generated them
 
     @property
     def informative(self) -> bool:
@@ -61,14 +61,18 @@ class Group:
         return sum(len(r) for r in self.responses)
 
     def to_json(self) -> dict:
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["record"] = dataclasses.asdict(self.record)
+        for key in ("sampler_logp", "old_logp"):
+            out[key] = None if out[key] is None else [x.tolist() for x in out[key]]
         return out
 
     @classmethod
     def from_json(cls, d: dict) -> Group:
         record = d["record"]
-        return cls(**{**d, "record": PromptRecord(**{**record, "prompt_ids": tuple(record["prompt_ids"])})})
+        arrays = {key: None if d[key] is None else [np.asarray(x, np.float32) for x in d[key]]
+                  for key in ("sampler_logp", "old_logp")}
+        return cls(**{**d, **arrays, "record": PromptRecord(**{**record, "prompt_ids": tuple(record["prompt_ids"])})})
 
 
 def score_group(record: PromptRecord, responses: Sequence[Sequence[int]], sampler_logp, truncated,
@@ -86,7 +90,8 @@ def score_group(record: PromptRecord, responses: Sequence[Sequence[int]], sample
         rewards.append(result["score"] + penalty)
         accs.append(bool(result["acc"]))
         preds.append(result["pred"])
-    return Group(record, [list(r) for r in responses], [list(x) for x in sampler_logp], texts, scores, rewards,
+    return Group(record, [list(r) for r in responses], [np.asarray(x, np.float32) for x in sampler_logp], texts,
+                 scores, rewards,
                  accs, preds, list(truncated))
 
 
@@ -193,7 +198,7 @@ def attach_old_logp(groups: Sequence[Group], params, logprob_fn, layout: Layout)
     for g in todo:
         g.old_logp = []
         for response in g.responses:
-            g.old_logp.append(logp[row, p:p + len(response)].astype(float).tolist())
+            g.old_logp.append(np.asarray(logp[row, p:p + len(response)], np.float32))
             row += 1
 
 

@@ -258,8 +258,8 @@ class Run:
 def logp_mismatch(groups) -> float:
     """Mean |sampler log-prob - recomputed log-prob| per token: near 0 unless the sampler and the
     trainer disagree (or top-p / top-k truncation changes the sampling distribution)."""
-    diffs = [abs(a - b) for g in groups for s, o in zip(g.sampler_logp, g.old_logp) for a, b in zip(s, o)]
-    return float(np.mean(diffs)) if diffs else 0.0
+    diffs = [np.abs(s - o) for g in groups for s, o in zip(g.sampler_logp, g.old_logp)]
+    return float(np.mean(np.concatenate(diffs))) if diffs else 0.0
 
 
 def _avg_key(metrics: dict) -> str:

@@ -94,3 +94,18 @@ def test_without_dynamic_sampling_the_first_batch_is_trained_as_is():
 def test_unknown_limit_policy_is_rejected():
     with pytest.raises(ValueError, match="on_limit"):
         dynamic_sampling.collect(0, 1, [], lambda: [], on_limit="wait")
+
+
+def test_a_carried_group_survives_a_checkpoint_round_trip():
+    import json
+
+    import numpy as np
+
+    g = group([1, 0])
+    g.sampler_logp = [np.array([-0.5, -0.25], np.float32)] * 2
+    g.old_logp = [np.array([-0.5, -0.125], np.float32), np.array([-1.0, -2.0], np.float32)]
+    back = Group.from_json(json.loads(json.dumps(g.to_json())))
+    assert back.record == g.record and back.accs == g.accs and back.responses == g.responses
+    for a, b in zip(back.old_logp + back.sampler_logp, g.old_logp + g.sampler_logp):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
