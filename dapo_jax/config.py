@@ -186,6 +186,14 @@ def problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
                    f"gen_prompts_per_batch={r.prompts_per_step} (= prompts_per_step), not {r.gen_prompts_per_batch}")
     if r.max_gen_batches < 1:
         out.append(f"rollout.max_gen_batches={r.max_gen_batches} must be >= 1")
+    elif r.dynamic_sampling and r.gen_prompts_per_batch * r.max_gen_batches < r.prompts_per_step:
+        out.append(f"dynamic sampling can draw at most rollout.gen_prompts_per_batch x max_gen_batches = "
+                   f"{r.gen_prompts_per_batch * r.max_gen_batches} prompts per step, fewer than prompts_per_step="
+                   f"{r.prompts_per_step}: the first step could never fill its batch; raise either")
+    if r.prompt_bucket < 1:
+        out.append(f"rollout.prompt_bucket={r.prompt_bucket} must be >= 1")
+    if cfg.log_every < 1 or cfg.eval.prompts_per_batch < 1:
+        out.append("log_every and eval.prompts_per_batch must be >= 1")
     if r.on_gen_batch_limit not in ON_LIMIT:
         out.append(f"rollout.on_gen_batch_limit={r.on_gen_batch_limit!r}: use one of {ON_LIMIT}")
     if r.max_response_length < 1 or d.max_prompt_length < 1:
@@ -226,6 +234,36 @@ def problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
         shards = sizes["data"] * sizes["fsdp"]
         out.append(f"micro-batches of {micro} answers do not split over the {shards} data-parallel devices "
                    f"(mesh data x fsdp); make optim.microbatch_size (or minibatch_size) a multiple of {shards}")
+    return out
+
+
+def sequence_length(cfg: ml_collections.ConfigDict) -> int:
+    """The longest prompt + response position a run uses (the sampler rounds prompts up to its bucket)."""
+    bucket = max(cfg.rollout.prompt_bucket, 1)
+    return -(-cfg.data.max_prompt_length // bucket) * bucket + cfg.rollout.max_response_length
+
+
+# What a run can change when it resumes: everything else decides the shapes, the data order or the
+# learning-rate schedule of the saved run.
+RESUMABLE_CHANGES = ("steps", "eval", "checkpoint", "log_every", "tensorboard")
+
+
+def resume_differences(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
+    """The settings of `cfg` that differ from the saved run's and may not change on resume."""
+    now = cfg.to_dict()
+    out = []
+
+    def walk(a, b, prefix):
+        for key in sorted(set(a) | set(b)):
+            name = f"{prefix}{key}"
+            if name.split(".")[0] in RESUMABLE_CHANGES:
+                continue
+            x, y = a.get(key), b.get(key)
+            if isinstance(x, dict) and isinstance(y, dict):
+                walk(x, y, name + ".")
+            elif x != y and not (isinstance(x, list) and tuple(x) == y):
+                out.append(f"{name}: saved {x!r}, now {y!r}")
+    walk(saved, now, "")
     return out
 
 

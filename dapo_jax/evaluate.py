@@ -47,10 +47,12 @@ def load_policy(cfg: ml_collections.ConfigDict, checkpoint: str | Path, mesh):
     step = checkpointer.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{directory} holds no saved checkpoint yet")
-    # The train state's structure (and so the optimizer's) must match what was saved.
-    model_config, params = load_model(train.model_source(cfg), seed=cfg.seed, **kwargs)
-    rows = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
-    optimizer = train_step.make_optimizer(train_step.OptimizerConfig(), rows // cfg.optim.minibatch_size)
+    # The model is the one the run trained (its workdir's config.json), whatever --config says; the
+    # train state's structure must match what was saved.
+    saved = directory.parent / "config.json"
+    run_cfg = ml_collections.ConfigDict(json.loads(saved.read_text())) if saved.is_file() else cfg
+    model_config, params = load_model(train.model_source(run_cfg), seed=run_cfg.seed, **kwargs)
+    optimizer = train_step.make_optimizer(train_step.OptimizerConfig(), 1)
     state, _ = checkpointer.restore(step, train_step.init_train_state(params, optimizer))
     checkpointer.close()
     return model_config, state.params

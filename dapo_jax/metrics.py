@@ -23,14 +23,23 @@ def _plain(value):
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, tensorboard: bool = True):
+    def __init__(self, workdir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+        """resume_step: the step a resumed run continues from; records logged after it are dropped
+        (the steps are run again)."""
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
-        if self.enabled and tensorboard:
+        if not self.enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, float | int | str], **extra) -> None:
         if not self.enabled:

@@ -130,11 +130,12 @@ class Run:
                                                compute_dtype=cfg.model.compute_dtype,
                                                remat_policy=cfg.model.remat_policy, mesh=self.mesh, seed=cfg.seed)
         r = cfg.rollout
-        length = cfg.data.max_prompt_length + r.max_response_length
+        length = config_lib.sequence_length(cfg)
         if length > self.model_config.max_position_embeddings:
             raise config_lib.ConfigError(
-                f"data.max_prompt_length + rollout.max_response_length = {length} exceeds the model's "
-                f"max_position_embeddings={self.model_config.max_position_embeddings}; shorten one of them")
+                f"data.max_prompt_length (rounded up to rollout.prompt_bucket) + rollout.max_response_length = "
+                f"{length} exceeds the model's max_position_embeddings={self.model_config.max_position_embeddings}; "
+                f"shorten one of them")
         if self.tokenizer.vocab_size > self.model_config.vocab_size:
             raise config_lib.ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model only "
                                          f"{self.model_config.vocab_size}; use the model's own tokenizer")
@@ -274,16 +275,26 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
     """Train (or resume) in `workdir`; returns the last evaluation's metrics and the before/after summary."""
     config_lib.validate(cfg, jax.device_count())
     workdir = Path(workdir)
+    saved_config = workdir / "config.json"
+    if saved_config.is_file() and (workdir / "checkpoints").is_dir():
+        changed = config_lib.resume_differences(json.loads(saved_config.read_text()), cfg)
+        if changed:
+            raise config_lib.ConfigError(
+                f"{workdir} holds a run with other settings; resuming it with these would not continue it:\n  - "
+                + "\n  - ".join(changed) + f"\nuse the saved settings ({saved_config}) or a new --workdir; only "
+                f"{', '.join(config_lib.RESUMABLE_CHANGES)} may change on resume")
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(cfg.to_json(indent=1))
+    if jax.process_index() == 0:
+        saved_config.write_text(cfg.to_json(indent=1))
     run = Run(cfg, workdir)
     checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep)
-    writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.tensorboard)
     latest = checkpointer.latest_step()
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)
     if latest is not None:
         run.restore(checkpointer, latest)
         say(f"resumed from {workdir / 'checkpoints'} at step {latest}", flush=True)
+    # Steps logged after the checkpoint resumed from are run again: their old records go.
+    writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.tensorboard, resume_step=latest)
 
     if run.host.eval_before is None:
         run.host.eval_before = run.evaluate(0)

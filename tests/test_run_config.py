@@ -58,6 +58,9 @@ def problems_with(devices=1, **changes):
     (dict(data__truncation="right"), "data.truncation='right'"),
     (dict(rollout__top_p=0.0), "rollout.top_p=0.0 must be in (0, 1]"),
     (dict(algorithm__kl_coef=0.01), "needs a reference policy"),
+    (dict(rollout__gen_prompts_per_batch=2, rollout__max_gen_batches=4), "could never fill its batch"),
+    (dict(log_every=0), "log_every and eval.prompts_per_batch must be >= 1"),
+    (dict(rollout__prompt_bucket=0), "rollout.prompt_bucket=0 must be >= 1"),
     (dict(mesh__tensor=3), "does not fit the 1 devices"),
 ])
 def test_invalid_combinations_say_what_to_change(changes, expected):

@@ -76,6 +76,10 @@ def test_stop_and_resume_gives_the_same_parameters_as_never_stopping(tmp_path):
     assert train.train(small_config(steps=4), tmp_path / "stopped", on_step_end=sigterm_after_step_2) == {}
     assert not (tmp_path / "stopped" / "hf_final").exists()
     assert [r["step"] for r in read_metrics(tmp_path / "stopped")] == [0, 1, 2]
+    changed = small_config(steps=4)
+    changed.rollout.samples_per_prompt = 8
+    with pytest.raises(config_lib.ConfigError, match="rollout.samples_per_prompt: saved 4, now 8"):
+        train.train(changed, tmp_path / "stopped")
     train.train(small_config(steps=4), tmp_path / "stopped")  # resumes from the step-2 checkpoint
     for a, b in zip(params_of(tmp_path / "straight"), params_of(tmp_path / "stopped")):
         np.testing.assert_array_equal(a, b)
@@ -119,3 +123,14 @@ def test_file_data_is_validated_deduplicated_and_tokenised(tmp_path):
     path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"problem": "1 + 1", "answer": ""}) + "\n")
     with pytest.raises(ValueError, match=r"problems.jsonl: row 1.*skip_bad_rows"):
         train.load_prompts(c, "train", tokenizer)
+
+
+def test_resuming_drops_the_records_of_steps_that_run_again(tmp_path):
+    from dapo_jax.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path)
+    for step in range(6):
+        writer.write(step, {"rollout/acc_mean": step / 10})
+    writer.close()
+    MetricsWriter(tmp_path, resume_step=3).close()  # the latest checkpoint was step 3
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
