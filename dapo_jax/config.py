@@ -272,7 +272,3 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:
     if found:
         raise ConfigError("the config cannot run:\n  - " + "\n  - ".join(found))
 
-
-def data_parallel(cfg: ml_collections.ConfigDict, num_devices: int) -> int:
-    sizes = _mesh_sizes(cfg.mesh, num_devices)
-    return sizes["data"] * sizes["fsdp"]

@@ -59,18 +59,18 @@ def limit_message(step: int, need: int, kept: int, generated: list[Group], max_g
             f"rollout.on_gen_batch_limit='train_partial' to train on the groups found.")
 
 
-def collect(step: int, need: int, carry: list[Group], draw: Callable[[], list[Group]], *, dynamic: bool = True,
+def collect(step: int, need: int, carry: list[Group], draw: Callable[[int], list[Group]], *, dynamic: bool = True,
             carry_over: bool = True, max_gen_batches: int = 10, on_limit: str = "error") -> Collected:
     """Gather `need` groups for one rollout step.
 
-    `draw()` generates and scores one generation batch. Without dynamic sampling the first batch is
+    `draw(i)` generates and scores the step's i-th generation batch. Without dynamic sampling the first batch is
     trained on as it is. Fresh groups come back without old log-probs: the caller computes them
     (still under the generating parameters) for the ones that are kept.
     """
     if on_limit not in ON_LIMIT:
         raise ValueError(f"on_limit={on_limit!r}: use one of {ON_LIMIT}")
     if not dynamic:
-        generated = draw()
+        generated = draw(0)
         return Collected(generated[:need], [], generated, gen_batches=1)
     kept, generated, batches = list(carry), [], 0
     out = Collected([], [], generated, carried_in=len(carry))
@@ -80,7 +80,7 @@ def collect(step: int, need: int, carry: list[Group], draw: Callable[[], list[Gr
                 raise GenerationBatchLimit(limit_message(step, need, len(kept), generated, max_gen_batches))
             out.partial = True
             break
-        fresh = draw()
+        fresh = draw(batches)
         batches += 1
         generated.extend(fresh)
         kept.extend(g for g in fresh if g.informative)

@@ -181,9 +181,8 @@ class Run:
     def step(self, step: int) -> dict[str, float]:
         r, timer = self.cfg.rollout, {"generate": 0.0, "reward": 0.0}
         start = time.perf_counter()
-        batches = iter(range(r.max_gen_batches + 1))
         collected = dynamic_sampling.collect(
-            step, r.prompts_per_step, self.carry, lambda: self.draw(step, next(batches), timer),
+            step, r.prompts_per_step, self.carry, lambda batch_index: self.draw(step, batch_index, timer),
             dynamic=r.dynamic_sampling, carry_over=r.carry_over, max_gen_batches=r.max_gen_batches,
             on_limit=r.on_gen_batch_limit)
         if collected.partial:
@@ -333,9 +332,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
 
     final = run.evaluate(run.host.step)
     key = _avg_key(final)
+    name = key.split("/")[-1]  # avg@k
     before, after = run.host.eval_before[key], final[key]
-    summary = {f"summary/{key.split('/')[-1]}_before": before, f"summary/{key.split('/')[-1]}_after": after,
-               f"summary/{key.split('/')[-1]}_gain": after - before}
+    summary = {f"summary/{name}_before": before, f"summary/{name}_after": after, f"summary/{name}_gain": after - before}
     writer.write(run.host.step, {**final, **summary})
     writer.close()
     say(f"held-out evaluation after {run.host.step} steps:\n{evaluation.format_table(final)}")

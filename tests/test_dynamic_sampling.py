@@ -20,12 +20,13 @@ def group(accs):
 
 
 def drawer(batches):
-    """draw() returning the given generation batches in order, counting calls."""
+    """draw(i) returning the given generation batches in order, recording the indices asked for."""
     it = iter(batches)
     calls = []
 
-    def draw():
-        calls.append(1)
+    def draw(index):
+        assert index == len(calls)  # the step's generation batches are numbered 0, 1, ...
+        calls.append(index)
         return next(it)
     return draw, calls
 
@@ -93,7 +94,7 @@ def test_without_dynamic_sampling_the_first_batch_is_trained_as_is():
 
 def test_unknown_limit_policy_is_rejected():
     with pytest.raises(ValueError, match="on_limit"):
-        dynamic_sampling.collect(0, 1, [], lambda: [], on_limit="wait")
+        dynamic_sampling.collect(0, 1, [], lambda _: [], on_limit="wait")
 
 
 def test_a_carried_group_survives_a_checkpoint_round_trip():
