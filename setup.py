@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "pyarrow==25.0.1",  # DAPO-Math-17k and AIME-2024 are parquet files
     "tqdm==4.70.1",  # the training progress bar
+    "matplotlib==3.11.2",  # the sweep's plots (and the loss-math notebook's)
 ]
 
 EXTRAS_REQUIRE = {
@@ -26,7 +27,6 @@ EXTRAS_REQUIRE = {
         "pytest==9.2.0",
         "torch==2.13.0",
         "transformers==5.23.0",
-        "matplotlib==3.11.2",  # the loss-math notebook draws the overlong penalty
     ],
 }
 

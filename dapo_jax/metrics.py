@@ -64,13 +64,15 @@ def read_metrics(workdir: str | Path) -> list[dict]:
 
 
 def rollout_metrics(generated, trained) -> dict[str, float]:
-    """Reward, accuracy and response-length figures over this step's generated answers, and the
-    trained groups' accuracy (what the gradient saw)."""
+    """Reward, accuracy, response-length and token-probability figures over this step's generated
+    answers, the shares of groups that came back all correct / all wrong, and the trained groups'
+    accuracy (what the gradient saw)."""
     scores = np.array([s for g in generated for s in g.scores], np.float64)
     rewards = np.array([s for g in generated for s in g.rewards], np.float64)
     accs = np.array([a for g in generated for a in g.accs], np.float64)
     lengths = np.array([len(r) for g in generated for r in g.responses], np.float64)
     truncated = np.array([t for g in generated for t in g.truncated], np.float64)
+    logp = [x for g in generated for x in g.sampler_logp]
     out = {}
     if len(scores):
         out.update({
@@ -79,6 +81,10 @@ def rollout_metrics(generated, trained) -> dict[str, float]:
             "rollout/acc_mean": accs.mean(),
             "rollout/response_length_mean": lengths.mean(), "rollout/response_length_max": lengths.max(),
             "rollout/response_length_min": lengths.min(), "rollout/truncated_frac": truncated.mean(),
+            # The paper's "mean probability" of the sampled tokens (under the sampling distribution).
+            "rollout/token_prob_mean": float(np.exp(np.concatenate(logp).astype(np.float64)).mean()),
+            "rollout/all_correct_frac": float(np.mean([all(g.accs) for g in generated])),
+            "rollout/all_wrong_frac": float(np.mean([not any(g.accs) for g in generated])),
         })
     if trained:
         out["batch/acc_mean"] = float(np.mean([a for g in trained for a in g.accs]))

@@ -212,6 +212,7 @@ class Run:
             **metrics_lib.rollout_metrics(collected.generated, collected.groups),
             **step_metrics,
             "actor/lr": float(lr),
+            "actor/grad_steps": int(self.state.updates),
             "rollout/logp_mismatch": logp_mismatch(collected.groups),
             "dynamic_sampling/gen_batches": collected.gen_batches,
             "dynamic_sampling/filtered_frac": collected.filtered / max(len(collected.generated), 1),
