@@ -3,7 +3,7 @@ shardings, and the host state (data position, carried-over groups, running total
 together under one step so that a resumed run continues exactly where it stopped. The random state
 needs no saving: every sampler seed is derived from (config seed, rollout step, generation batch).
 
-    <workdir>/checkpoints/<step>/{state, host}
+    <workdir>/checkpoints/<step>/{state, host}       (or <checkpoint.dir>/<step>/..., e.g. a gs:// bucket)
 
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint as the latest one. On SIGTERM (a preempted TPU VM) the loop
@@ -21,10 +21,27 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 
+def as_path(directory: str | Path):
+    """A local Path, or for a URI (gs://bucket/dir) the etils path orbax writes through; a bucket
+    needs etils' GCS backend (gcsfs), which the `tpu` extra installs."""
+    if "://" in str(directory):
+        from etils import epath
+
+        return epath.Path(str(directory))
+    return Path(directory).absolute()
+
+
+def checkpoint_dir(cfg, workdir: str | Path):
+    """Where a run's checkpoints go: checkpoint.dir, or <workdir>/checkpoints. On a multi-host run
+    every host writes its own shards there, so it must be storage they share (a bucket)."""
+    return as_path(cfg.checkpoint.dir or Path(workdir) / "checkpoints")
+
+
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int):
+        self.directory = as_path(directory)
         self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -64,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.prompt_bucket = 8
+    c.rollout.generation_chunk = 0  # prompts per sampler call (bounds its KV cache); 0 = a whole generation batch
 
     c.reward = ml_collections.ConfigDict()
     c.reward.overlong_buffer = 8  # L_cache tokens; 0 turns the soft overlong punishment off
@@ -97,9 +98,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 20  # rollout steps
     c.checkpoint.keep = 2
+    c.checkpoint.dir = ""  # "" = <workdir>/checkpoints; a multi-host run needs shared storage (gs://bucket/...)
     c.checkpoint.export_hf = True  # write the final policy as a Hugging Face checkpoint
 
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # slices > 1: multi-slice, the data axis split across slices (data must be a multiple of slices)
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, slices=1))
     c.log_every = 1
     c.tensorboard = True
     return c
@@ -145,7 +148,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def _mesh_sizes(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, int] | None:
-    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}  # slices split the data axis
     if list(sizes.values()).count(-1) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
         return None
     known = math.prod(s for s in sizes.values() if s != -1)
@@ -192,6 +195,9 @@ def problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
                    f"{r.prompts_per_step}: the first step could never fill its batch; raise either")
     if r.prompt_bucket < 1:
         out.append(f"rollout.prompt_bucket={r.prompt_bucket} must be >= 1")
+    if r.generation_chunk < 0:
+        out.append(f"rollout.generation_chunk={r.generation_chunk} must be >= 0 (0: a whole generation batch per "
+                   f"sampler call)")
     if cfg.log_every < 1 or cfg.eval.prompts_per_batch < 1:
         out.append("log_every and eval.prompts_per_batch must be >= 1")
     if r.on_gen_batch_limit not in ON_LIMIT:
@@ -234,6 +240,10 @@ def problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
         shards = sizes["data"] * sizes["fsdp"]
         out.append(f"micro-batches of {micro} answers do not split over the {shards} data-parallel devices "
                    f"(mesh data x fsdp); make optim.microbatch_size (or minibatch_size) a multiple of {shards}")
+    slices = cfg.mesh.get("slices", 1)
+    if slices < 1 or (sizes is not None and sizes["data"] % slices):
+        out.append(f"mesh.slices={slices}: the data axis spans the slices, so mesh.data "
+                   f"({sizes['data'] if sizes else cfg.mesh.data}) must be a positive multiple of it")
     return out
 
 
@@ -248,23 +258,32 @@ def sequence_length(cfg: ml_collections.ConfigDict) -> int:
 RESUMABLE_CHANGES = ("steps", "eval", "checkpoint", "log_every", "tensorboard")
 
 
-def resume_differences(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
-    """The settings of `cfg` that differ from the saved run's and may not change on resume."""
-    now = cfg.to_dict()
+def config_differences(saved: dict, cfg: ml_collections.ConfigDict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Every setting of `cfg` that differs from a saved config (a dict), outside the sections in
+    `ignore`. A field the saved config lacks counts only if `cfg` moves it off its default (the field
+    was added since the save)."""
+    now, defaults = cfg.to_dict(), default_config().to_dict()
     out = []
 
-    def walk(a, b, prefix):
+    def walk(a, b, default, prefix):
         for key in sorted(set(a) | set(b)):
             name = f"{prefix}{key}"
-            if name.split(".")[0] in RESUMABLE_CHANGES:
+            if name.split(".")[0] in ignore:
                 continue
-            x, y = a.get(key), b.get(key)
+            x, y, d = a.get(key), b.get(key), (default or {}).get(key)
             if isinstance(x, dict) and isinstance(y, dict):
-                walk(x, y, name + ".")
+                walk(x, y, d if isinstance(d, dict) else {}, name + ".")
+            elif key not in a and y == d:
+                continue
             elif x != y and not (isinstance(x, list) and tuple(x) == y):
                 out.append(f"{name}: saved {x!r}, now {y!r}")
-    walk(saved, now, "")
+    walk(saved, now, defaults, "")
     return out
+
+
+def resume_differences(saved: dict, cfg: ml_collections.ConfigDict) -> list[str]:
+    """The settings of `cfg` that differ from the saved run's and may not change on resume."""
+    return config_differences(saved, cfg, ignore=RESUMABLE_CHANGES)
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> None:

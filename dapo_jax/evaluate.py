@@ -23,12 +23,15 @@ from dapo_jax.models.loading import load_model
 from dapo_jax.tokenizer import load_tokenizer
 
 
-def _orbax_step(path: Path) -> tuple[Path, int | None] | None:
-    """(the checkpoints directory, the step or None for the latest) that `path` names, if it names one."""
-    if (path / "checkpoints").is_dir():  # a training workdir (its config.json is not a model's)
-        return path / "checkpoints", None
+def _orbax_step(path: Path) -> tuple[Path, int | None, Path | None] | None:
+    """(the checkpoints directory, the step or None for the latest, the run's config.json if known)
+    that `path` names, if it names one."""
+    saved = path / "config.json"
+    if saved.is_file() and "checkpoint" in (run := json.loads(saved.read_text())):  # a training workdir
+        return checkpoints.checkpoint_dir(ml_collections.ConfigDict(run), path), None, saved
     if path.name.isdigit() and path.parent.is_dir():
-        return path.parent, int(path.name)
+        saved = path.parent.parent / "config.json"  # <workdir>/checkpoints/<step>
+        return path.parent, int(path.name), saved if saved.is_file() else None
     return None
 
 
@@ -42,15 +45,14 @@ def load_policy(cfg: ml_collections.ConfigDict, checkpoint: str | Path, mesh):
             raise FileNotFoundError(f"{checkpoint} is neither a Hugging Face directory (config.json) nor a training "
                                     f"workdir (checkpoints/) nor a checkpoint step directory")
         return load_model(str(path), **kwargs)
-    directory, step = orbax
+    directory, step, saved = orbax
     checkpointer = checkpoints.Checkpointer(directory, keep=1 << 30)
     step = checkpointer.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{directory} holds no saved checkpoint yet")
     # The model is the one the run trained (its workdir's config.json), whatever --config says; the
     # train state's structure must match what was saved.
-    saved = directory.parent / "config.json"
-    run_cfg = ml_collections.ConfigDict(json.loads(saved.read_text())) if saved.is_file() else cfg
+    run_cfg = ml_collections.ConfigDict(json.loads(saved.read_text())) if saved is not None else cfg
     model_config, params = load_model(train.model_source(run_cfg), seed=run_cfg.seed, **kwargs)
     optimizer = train_step.make_optimizer(train_step.OptimizerConfig(), 1)
     state, _ = checkpointer.restore(step, train_step.init_train_state(params, optimizer))
@@ -87,6 +89,7 @@ def main(argv):
     from absl import flags
 
     del argv
+    sharding.initialize_distributed_from_flags()
     f = flags.FLAGS
     evaluate(f.config, f.checkpoint, f.out or f"eval_results/{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -99,4 +102,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("checkpoint", None, "a Hugging Face directory, a training workdir, or a checkpoint step "
                                             "directory", required=True)
     flags.DEFINE_string("out", "", "where to write metrics.json and samples.jsonl")
+    sharding.define_distributed_flags()
     app.run(main)

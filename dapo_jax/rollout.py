@@ -97,22 +97,30 @@ def score_group(record: PromptRecord, responses: Sequence[Sequence[int]], sample
 
 def generate_groups(model_config, params, records: Sequence[PromptRecord], tokenizer: Tokenizer, *,
                     samples_per_prompt: int, reward: RewardConfig, temperature: float, top_p: float, top_k: int,
-                    seed: int, prompt_bucket: int, mesh=None, timer: dict | None = None) -> list[Group]:
+                    seed: int, prompt_bucket: int, mesh=None, timer: dict | None = None,
+                    chunk_prompts: int = 0) -> list[Group]:
     """Sample `samples_per_prompt` answers to each record and score them (seconds spent in each
-    phase are added to timer["generate"] and timer["reward"])."""
-    start = time.perf_counter()
-    out = sampling.generate(model_config, params, [list(r.prompt_ids) for r in records],
-                            max_new_tokens=reward.max_response_length, temperature=temperature, top_p=top_p,
-                            top_k=top_k, eos_ids=tokenizer.eos_ids, num_samples=samples_per_prompt, seed=seed,
-                            mesh=mesh, prompt_bucket=prompt_bucket)
-    scored = time.perf_counter()
-    g = samples_per_prompt
-    groups = [score_group(r, out.tokens[i * g:(i + 1) * g], out.logprobs[i * g:(i + 1) * g],
-                          out.truncated[i * g:(i + 1) * g], tokenizer, reward)
-              for i, r in enumerate(records)]
-    if timer is not None:
-        timer["generate"] = timer.get("generate", 0.0) + scored - start
-        timer["reward"] = timer.get("reward", 0.0) + time.perf_counter() - scored
+    phase are added to timer["generate"] and timer["reward"]).
+
+    `chunk_prompts` > 0 caps the prompts per sampler call (its KV cache grows with prompts x
+    samples x length; `python -m dapo_jax.plan` says what fits); chunk i samples with seed + i.
+    """
+    chunk = chunk_prompts if chunk_prompts > 0 else max(len(records), 1)
+    groups, g = [], samples_per_prompt
+    for i, begin in enumerate(range(0, len(records), chunk)):
+        part = records[begin:begin + chunk]
+        start = time.perf_counter()
+        out = sampling.generate(model_config, params, [list(r.prompt_ids) for r in part],
+                                max_new_tokens=reward.max_response_length, temperature=temperature, top_p=top_p,
+                                top_k=top_k, eos_ids=tokenizer.eos_ids, num_samples=g, seed=(seed + i) % 2**32,
+                                mesh=mesh, prompt_bucket=prompt_bucket)
+        scored = time.perf_counter()
+        groups += [score_group(r, out.tokens[j * g:(j + 1) * g], out.logprobs[j * g:(j + 1) * g],
+                               out.truncated[j * g:(j + 1) * g], tokenizer, reward)
+                   for j, r in enumerate(part)]
+        if timer is not None:
+            timer["generate"] = timer.get("generate", 0.0) + scored - start
+            timer["reward"] = timer.get("reward", 0.0) + time.perf_counter() - scored
     return groups
 
 
@@ -165,12 +173,15 @@ def advantages(groups: Sequence[Group], rows: int, *, norm_by_std: bool) -> np.n
 def make_logprob_fn(model_config, *, temperature: float, chunk_rows: int, mesh=None):
     """`logprobs(params, batch) -> [rows, width]` log pi(tokens[t] | tokens[<t]), computed `chunk_rows`
     rows at a time by one compiled function (rows are padded up to a multiple of chunk_rows)."""
+    fn = lambda params, t, m: token_logprobs(model_config, params, t, m, temperature)[0]  # noqa: E731
     if mesh is None:
-        jitted = jax.jit(lambda params, t, m: token_logprobs(model_config, params, t, m, temperature)[0])
+        jitted = jax.jit(fn)
     else:
         rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-        jitted = jax.jit(lambda params, t, m: token_logprobs(model_config, params, t, m, temperature)[0],
-                         in_shardings=(None, rows_sharding, rows_sharding), out_shardings=rows_sharding)
+        sharded = jax.jit(fn, in_shardings=(None, rows_sharding, rows_sharding), out_shardings=rows_sharding)
+
+        def jitted(params, t, m):
+            return sharded(params, sharding.host_to_global(t, rows_sharding), sharding.host_to_global(m, rows_sharding))
 
     def logprobs(params, tokens: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         n = tokens.shape[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 
 import jax
@@ -44,10 +45,14 @@ LOGICAL_AXIS_RULES: LogicalRules = (
 log = logging.getLogger(__name__)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None,
+              slices: int = 1) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (all devices by default).
 
-    One of the sizes may be -1: it takes whatever the others leave.
+    One of the sizes may be -1: it takes whatever the others leave. With `slices` > 1 (multi-slice:
+    TPU slices joined over the slower data-centre network) the data axis is split `slices` ways across
+    slices and fsdp / tensor stay inside each slice, so only data-parallel gradient reductions cross
+    slices.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
@@ -64,8 +69,63 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
         raise ValueError(
             f"mesh sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices but "
             f"{len(devices)} are given; make the product equal the device count or set one size to -1")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=devices)
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    if slices > 1:
+        return _multislice_mesh(sizes, devices, slices, auto)
+    try:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:
+        # A TPU torus whose physical axes do not match these sizes one for one (a tensor axis of 8 on
+        # a 4x4x4 slice): let a logical axis span parts of several physical ones.
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(tuple(sizes), devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def _multislice_mesh(sizes: list[int], devices: list, slices: int, axis_types) -> Mesh:
+    from jax.experimental import mesh_utils
+
+    data, fsdp, tensor = sizes
+    if data % slices:
+        raise ValueError(f"mesh.data={data} must be a multiple of mesh.slices={slices}: the data axis is what "
+                         f"spans the slices; set mesh.data to {slices} x (data-parallel groups per slice)")
+    # TPU devices know their slice; elsewhere (CPU processes in tests) each process stands for one.
+    by_process = not hasattr(devices[0], "slice_index")
+    granules = len({d.process_index if by_process else d.slice_index for d in devices})
+    if granules != slices:
+        raise ValueError(f"mesh.slices={slices} but the devices come from {granules} "
+                         f"{'processes' if by_process else 'slices'}")
+    grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp, tensor), (slices, 1, 1), devices,
+                                                process_is_granule=by_process, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def define_distributed_flags() -> None:
+    """The absl flags an entry point needs to run as one process of several."""
+    from absl import flags
+
+    flags.DEFINE_bool("distributed", False, "join a multi-host run, detecting the cluster (Cloud TPU pods, SLURM, "
+                                            "Open MPI, Kubernetes); every host runs the same command")
+    flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS", ""),
+                        "host:port of process 0, for a multi-process run without cluster detection")
+    flags.DEFINE_integer("num_processes", 0, "processes in the run (with --coordinator_address)")
+    flags.DEFINE_integer("process_id", -1, "this process's index, 0..num_processes-1 (with --coordinator_address)")
+
+
+def initialize_distributed_from_flags() -> None:
+    """Join JAX's multi-controller runtime when the flags say this is one process of several. Must run
+    before anything touches a device."""
+    from absl import flags
+
+    f = flags.FLAGS
+    if f.coordinator_address:
+        if f.num_processes < 1 or not 0 <= f.process_id < f.num_processes:
+            raise ValueError(f"--coordinator_address needs --num_processes >= 1 and --process_id in "
+                             f"[0, num_processes); got {f.num_processes} and {f.process_id}")
+        jax.distributed.initialize(f.coordinator_address, num_processes=f.num_processes, process_id=f.process_id)
+    elif f.distributed:
+        jax.distributed.initialize()
 
 
 def _rule(name: str | None, rules: LogicalRules) -> tuple[str, ...]:
@@ -136,6 +196,13 @@ def mesh_of(tree) -> Mesh | None:
         if isinstance(sharding, NamedSharding):
             return sharding.mesh
     return None
+
+
+def host_to_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a numpy array that every process holds whole (the same on each): each
+    process transfers only the slices its own devices hold. jit refuses numpy inputs with a
+    non-replicated sharding once the mesh spans several processes; this is the way in."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def to_host(array: jax.Array) -> np.ndarray:

@@ -194,7 +194,7 @@ def is_finished(run_dir: Path, cfg: ml_collections.ConfigDict) -> bool:
     if not result.is_file():
         return False
     saved = json.loads(result.read_text())["config"]
-    if saved == cfg.to_dict():
+    if not config_lib.config_differences(saved, cfg):
         return True
     changed = config_lib.resume_differences(saved, cfg)
     if changed:

@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+import optax
 import tqdm
 
 from dapo_jax import checkpoints, config as config_lib, dynamic_sampling, evaluation, hf, metrics as metrics_lib
@@ -119,6 +120,35 @@ class HostState:
         return {**dataclasses.asdict(self), "carry": [g.to_json() for g in carry_groups]}
 
 
+@dataclasses.dataclass
+class Update:
+    """How a run's rollout batch becomes parameter updates: its size, the optimizer, the jitted step."""
+
+    rows: int  # answers per rollout step
+    num_minibatches: int  # optimizer updates per rollout step
+    microbatch_rows: int  # answers per forward/backward pass
+    optim_config: train_step_lib.OptimizerConfig
+    optimizer: optax.GradientTransformation
+    train_step: Callable
+
+
+def make_update(cfg: ml_collections.ConfigDict, model_config, mesh) -> Update:
+    r, a, o = cfg.rollout, cfg.algorithm, cfg.optim
+    rows = r.prompts_per_step * r.samples_per_prompt
+    num_minibatches = rows // o.minibatch_size
+    micro = o.microbatch_size or o.minibatch_size
+    optim_config = train_step_lib.OptimizerConfig(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
+                                                  weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+    optimizer = train_step_lib.make_optimizer(optim_config, num_minibatches)
+    loss_config = train_step_lib.LossConfig(
+        clip_low=a.clip_low, clip_high=a.clip_high, clip_c=a.clip_c or None, agg_mode=a.agg_mode,
+        kl_coef=a.kl_coef, entropy_coef=a.entropy_coef, temperature=r.temperature,
+        norm_constant=float(r.max_response_length) if a.agg_mode == "seq-mean-token-sum-norm" else None)
+    step = train_step_lib.make_train_step(model_config, loss_config, optimizer, num_minibatches=num_minibatches,
+                                          num_microbatches=o.minibatch_size // micro, mesh=mesh)
+    return Update(rows, num_minibatches, micro, optim_config, optimizer, step)
+
+
 class Run:
     """The loaded pieces of a run; `step()` is one rollout step."""
 
@@ -146,24 +176,12 @@ class Run:
         self.layout = rollout.Layout(cfg.data.max_prompt_length, r.max_response_length, self.tokenizer.pad_id)
         self.reward = rollout.RewardConfig(r.max_response_length, cfg.reward.overlong_buffer,
                                            cfg.reward.overlong_penalty_factor)
-        self.rows = r.prompts_per_step * r.samples_per_prompt
-        num_minibatches = self.rows // cfg.optim.minibatch_size
-        micro = cfg.optim.microbatch_size or cfg.optim.minibatch_size
-        a, o = cfg.algorithm, cfg.optim
-        self.optim_config = train_step_lib.OptimizerConfig(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
-                                                           weight_decay=o.weight_decay, grad_clip=o.grad_clip)
-        self.updates_per_step = num_minibatches
-        optimizer = train_step_lib.make_optimizer(self.optim_config, num_minibatches)
-        loss_config = train_step_lib.LossConfig(
-            clip_low=a.clip_low, clip_high=a.clip_high, clip_c=a.clip_c or None, agg_mode=a.agg_mode,
-            kl_coef=a.kl_coef, entropy_coef=a.entropy_coef, temperature=r.temperature,
-            norm_constant=float(r.max_response_length) if a.agg_mode == "seq-mean-token-sum-norm" else None)
-        self.state = train_step_lib.init_train_state(params, optimizer)
-        self.train_step = train_step_lib.make_train_step(
-            self.model_config, loss_config, optimizer, num_minibatches=num_minibatches,
-            num_microbatches=cfg.optim.minibatch_size // micro, mesh=self.mesh)
-        self.logprobs = rollout.make_logprob_fn(self.model_config, temperature=r.temperature, chunk_rows=micro,
-                                                mesh=self.mesh)
+        update = make_update(cfg, self.model_config, self.mesh)
+        self.rows, self.optim_config, self.updates_per_step = update.rows, update.optim_config, update.num_minibatches
+        self.state = train_step_lib.init_train_state(params, update.optimizer)
+        self.train_step = update.train_step
+        self.logprobs = rollout.make_logprob_fn(self.model_config, temperature=r.temperature,
+                                                chunk_rows=update.microbatch_rows, mesh=self.mesh)
         self.host = HostState()
         self.carry: list[rollout.Group] = []
 
@@ -176,7 +194,7 @@ class Run:
             self.model_config, self.state.params, records, self.tokenizer, samples_per_prompt=r.samples_per_prompt,
             reward=self.reward, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
             seed=seed_for(self.cfg.seed, step, batch_index), prompt_bucket=r.prompt_bucket, mesh=self.mesh,
-            timer=timer)
+            timer=timer, chunk_prompts=r.generation_chunk)
 
     def step(self, step: int) -> dict[str, float]:
         r, timer = self.cfg.rollout, {"generate": 0.0, "reward": 0.0}
@@ -276,7 +294,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
     config_lib.validate(cfg, jax.device_count())
     workdir = Path(workdir)
     saved_config = workdir / "config.json"
-    if saved_config.is_file() and (workdir / "checkpoints").is_dir():
+    checkpoint_dir = checkpoints.checkpoint_dir(cfg, workdir)
+    if saved_config.is_file() and checkpoint_dir.is_dir():
         changed = config_lib.resume_differences(json.loads(saved_config.read_text()), cfg)
         if changed:
             raise config_lib.ConfigError(
@@ -287,12 +306,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
     if jax.process_index() == 0:
         saved_config.write_text(cfg.to_json(indent=1))
     run = Run(cfg, workdir)
-    checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", keep=cfg.checkpoint.keep)
+    checkpointer = checkpoints.Checkpointer(checkpoint_dir, keep=cfg.checkpoint.keep)
     latest = checkpointer.latest_step()
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)
     if latest is not None:
         run.restore(checkpointer, latest)
-        say(f"resumed from {workdir / 'checkpoints'} at step {latest}", flush=True)
+        say(f"resumed from {checkpoint_dir} at step {latest}", flush=True)
     # Steps logged after the checkpoint resumed from are run again: their old records go.
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.tensorboard, resume_step=latest)
 
@@ -353,13 +372,24 @@ def _tokenizer_dir(cfg) -> Path | None:
     return source if source.is_dir() else source.parent if source.exists() else None
 
 
+def default_workdir() -> str:
+    """runs/dapo-<time>, the same name on every host of a multi-host run (process 0's clock)."""
+    stamp = np.int64(time.time())
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        stamp = multihost_utils.broadcast_one_to_all(stamp)
+    return f"runs/dapo-{time.strftime('%Y%m%d-%H%M%S', time.localtime(int(stamp)))}"
+
+
 def main(argv):
     from absl import flags, logging as absl_logging
 
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax narrates every save at INFO
+    sharding.initialize_distributed_from_flags()
     cfg = flags.FLAGS.config
-    workdir = flags.FLAGS.workdir or f"runs/dapo-{time.strftime('%Y%m%d-%H%M%S')}"
+    workdir = flags.FLAGS.workdir or default_workdir()
     if jax.process_index() == 0:
         print(f"workdir: {workdir}", flush=True)
     train(cfg, workdir)
@@ -373,4 +403,5 @@ if __name__ == "__main__":
                                     lock_config=True)
     flags.DEFINE_string("workdir", "", "the run's directory; a fresh one under runs/ by default. A workdir with "
                                        "checkpoints resumes from the latest")
+    sharding.define_distributed_flags()
     app.run(main)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -105,6 +106,15 @@ class TrainState:
     skipped: jax.Array  # updates skipped because the loss or a gradient was not finite
 
 
+def _opt_state_shardings(params, optimizer: optax.GradientTransformation):
+    """Each moment sharded like its parameter, scalars replicated (params: arrays or ShapeDtypeStructs
+    placed on a mesh)."""
+    replicated = NamedSharding(sharding.mesh_of(params), PartitionSpec())
+    return optax.tree_map_params(
+        optimizer, lambda _, param_sharding: param_sharding, jax.eval_shape(optimizer.init, params),
+        jax.tree_util.tree_map(lambda x: x.sharding, params), transform_non_params=lambda _: replicated)
+
+
 def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
     """The optimizer state created in place: each moment sharded like its parameter, scalars replicated.
 
@@ -115,13 +125,20 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainSt
         opt_state, place = jax.jit(optimizer.init)(params), lambda x: x
     else:
         replicated = NamedSharding(mesh, PartitionSpec())
-        state_shardings = optax.tree_map_params(
-            optimizer, lambda _, param_sharding: param_sharding, jax.eval_shape(optimizer.init, params),
-            jax.tree_util.tree_map(lambda x: x.sharding, params), transform_non_params=lambda _: replicated)
-        opt_state = jax.jit(optimizer.init, out_shardings=state_shardings)(params)
+        opt_state = jax.jit(optimizer.init, out_shardings=_opt_state_shardings(params, optimizer))(params)
         place = lambda x: jax.device_put(x, replicated)  # noqa: E731
     counters = [place(jnp.zeros((), jnp.int32)) for _ in range(3)]  # distinct buffers: the state is donated
     return TrainState(params, opt_state, *counters)
+
+
+def abstract_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    """The train state as ShapeDtypeStructs with their shardings, for `params` given the same way
+    (compiling ahead of time, e.g. for a TPU topology this machine does not have)."""
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_shapes,
+                                       _opt_state_shardings(params, optimizer))
+    counter = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(sharding.mesh_of(params), PartitionSpec()))
+    return TrainState(params, opt_state, counter, counter, counter)
 
 
 def token_logprobs(config: Qwen2Config, params, tokens_BxL, attention_mask_BxL, temperature: float = 1.0):
@@ -237,8 +254,9 @@ def make_train_step(config: Qwen2Config, loss_config: LossConfig, optimizer: opt
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     compiled: dict = {}
 
-    def run(state: TrainState, batch: dict):
-        check_batch(batch, num_minibatches, num_microbatches, mesh)
+    def jitted(state: TrainState, batch: dict):
+        """The jitted step for this state's layout and these batch keys (`.lower(state, batch)` compiles
+        it ahead of time from ShapeDtypeStructs)."""
         key = tuple(sorted(batch))  # with or without ref_logp
         if key not in compiled:
             state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
@@ -246,7 +264,14 @@ def make_train_step(config: Qwen2Config, loss_config: LossConfig, optimizer: opt
                 train_step, donate_argnums=0,
                 in_shardings=(state_shardings, {k: rows for k in batch}),
                 out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
-        with jax.set_mesh(mesh):
-            return compiled[key](state, batch)
+        return compiled[key]
 
+    def run(state: TrainState, batch: dict):
+        check_batch(batch, num_minibatches, num_microbatches, mesh)
+        batch = {k: v if isinstance(v, jax.Array) else sharding.host_to_global(np.asarray(v), rows)
+                 for k, v in batch.items()}
+        with jax.set_mesh(mesh):
+            return jitted(state, batch)(state, batch)
+
+    run.jitted = jitted
     return run

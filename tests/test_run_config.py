@@ -104,3 +104,15 @@ def test_ablation_ladder_adds_one_technique_per_rung():
 def test_unknown_ablation_rung_is_rejected():
     with pytest.raises(config_lib.ConfigError, match="choose one of"):
         load("ablation.py", "dapo_plus")
+
+
+def test_a_field_added_since_a_save_differs_only_off_its_default():
+    cfg = config_lib.default_config()
+    saved = cfg.to_dict()
+    del saved["rollout"]["generation_chunk"]  # a run saved before the field existed
+    assert config_lib.resume_differences(saved, cfg) == []
+    cfg.rollout.generation_chunk = 4
+    cfg.steps = 7  # resumable: not listed
+    assert config_lib.resume_differences(saved, cfg) == ["rollout.generation_chunk: saved None, now 4"]
+    assert config_lib.config_differences(saved, cfg) == ["rollout.generation_chunk: saved None, now 4",
+                                                         "steps: saved 60, now 7"]

@@ -1,0 +1,535 @@
+"""Will a config fit? Compile the train step and the sampler ahead of time for a TPU slice (or this
+machine's devices) from shapes alone, and report per-device memory before anything is launched.
+
+    python -m dapo_jax.plan --config configs/dapo_qwen2_5_32b.py --topology v5p-256
+    python -m dapo_jax.plan --config configs/qwen2_5_0_5b.py --topology v5e-8      # one 8-chip host
+    python -m dapo_jax.plan --config configs/synthetic_tiny.py --topology cpu      # the devices here
+
+No weights are read and no TPU is needed: `jax[tpu]` (libtpu) compiles for a topology description
+(`pip install -e '.[tpu]'`). XLA's own memory analysis of the compiled programs gives the figures;
+the parameter, optimizer-state and KV-cache lines are the bytes each device holds under the run's
+shardings. The train state (parameters and AdamW moments) stays on the devices all run long, so
+each phase's peak is the state plus what that phase adds:
+
+    train step   state + batch + activations (XLA temp)     + outputs not aliased to the donated state
+    sampler      state + prompts + KV cache and other temps + outputs
+
+A config that does not fit gets suggestions, with numbers: more fsdp, rematerialisation, smaller
+micro-batches, fewer prompts per sampler call (rollout.generation_chunk), a larger slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dapo_jax import config as config_lib, sampling, sharding, train, train_step as train_step_lib
+from dapo_jax.models import loading, qwen2
+
+GIB = 2**30
+# HBM per chip (Cloud TPU documentation), by the device kind JAX reports.
+# HBM per chip that XLA says is available to a program, by the device kind JAX reports (v5p and v5e:
+# from the TPU compiler's own out-of-memory messages; v4 and v6e: the nominal 32 GiB).
+HBM_GIB = {"TPU v4": 32, "TPU v5": 95.74, "TPU v5p": 95.74, "TPU v5 lite": 15.75, "TPU v6 lite": 32}
+# Accelerator types count TensorCores on v4/v5p (2 per chip, 3-D torus) and chips on v5e/v6e (2-D).
+_GENERATIONS = {"v4": ("v4", 2, 3), "v5p": ("v5p", 2, 3), "v5e": ("v5e", 1, 2), "v5litepod": ("v5e", 1, 2),
+                "v6e": ("v6e", 1, 2)}
+
+
+class PlanError(ValueError):
+    """The plan cannot be made as asked; the message says what to change."""
+
+
+# -- the target ------------------------------------------------------------------------------------
+
+
+def slice_shape(chips: int, dims: int) -> tuple[int, ...]:
+    """The standard physical shape of a slice of `chips` chips: 4 -> 2x2x1, 8 -> 2x2x2, 16 -> 2x2x4,
+    64 -> 4x4x4 (3-D); 4 -> 2x2, 8 -> 2x4, 16 -> 4x4, 32 -> 4x8 (2-D)."""
+    if chips < 1 or chips & (chips - 1):
+        raise PlanError(f"a slice of {chips} chips: TPU slices come in powers of two")
+    shape = [2, 2, 1] if dims == 3 else [1, 1]
+    if dims == 3 and chips < 4:
+        raise PlanError(f"{chips} chips: the smallest v4/v5p slice has 4 chips (v5p-8)")
+    while math.prod(shape) < chips:
+        smallest = min(shape)
+        i = max(j for j, s in enumerate(shape) if s == smallest)
+        shape[i] *= 2
+    return tuple(shape)
+
+
+@dataclasses.dataclass
+class Target:
+    name: str  # as asked, e.g. v5p-128
+    devices: list
+    hbm_bytes: int | None  # per device; None when unknown (CPU)
+    topology: str  # e.g. v5p:4x4x4
+
+    @property
+    def kind(self) -> str:
+        return self.devices[0].device_kind
+
+    @property
+    def hosts(self) -> int:
+        return len({d.process_index for d in self.devices})
+
+
+def target(topology: str, slices: int = 1) -> Target:
+    """The devices of `topology`: an accelerator type (v5p-128, v4-32, v5e-8, v6e-8), a topology
+    (v5p:4x4x4), or "cpu" for the devices of this process."""
+    if topology == "cpu":
+        devices = jax.devices()
+        return Target(topology, devices, None, f"{len(devices)} x {devices[0].device_kind}")
+    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", topology)
+    t = re.fullmatch(r"(v4|v5p|v5e|v6e):(\d+(?:x\d+)+)", topology)
+    if not (m or t):
+        raise PlanError(f"--topology {topology!r}: use an accelerator type (v5p-128, v4-32, v5e-8, v6e-8), a "
+                        f"topology (v5p:4x4x4, v6e:2x4) or cpu")
+    if m:
+        generation, per_chip, dims = _GENERATIONS[m.group(1)]
+        count = int(m.group(2))
+        if count % per_chip:
+            raise PlanError(f"{topology}: {m.group(1)} types count TensorCores, {per_chip} per chip")
+        shape = slice_shape(count // per_chip, dims)
+    else:
+        generation, _, dims = _GENERATIONS[t.group(1)]
+        shape = tuple(int(x) for x in t.group(2).split("x"))
+    name = f"{generation}:{'x'.join(map(str, shape))}"
+    kwargs = {"num_slices": slices} if slices > 1 else {}
+    if dims == 2 and math.prod(shape) <= 8:  # v5e/v6e slices of up to 8 chips are one host
+        kwargs["chips_per_host_bounds"] = (*shape, 1)
+    try:
+        from jax.experimental import topologies
+
+        devices = topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices
+    except Exception as e:  # noqa: BLE001 - missing libtpu and unknown shapes both end here
+        raise PlanError(f"cannot describe TPU topology {name} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        f"planning for TPUs needs libtpu: pip install -e '.[tpu]'") from None
+    kind = devices[0].device_kind
+    return Target(topology + (f" x {slices} slices" if slices > 1 else ""), list(devices),
+                  int(HBM_GIB[kind] * GIB) if kind in HBM_GIB else None, name)
+
+
+# -- the model and its state, as shapes -----------------------------------------------------------
+
+
+def model_config(cfg: ml_collections.ConfigDict, override: str = "") -> tuple[qwen2.Qwen2Config, str]:
+    """(the model's config, where its shapes come from) without reading any weights."""
+    source = override or (train.model_source(cfg) if cfg.model.path == "embedded" else cfg.model.path)
+    runtime = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.compute_dtype,
+                   remat_policy=cfg.model.remat_policy)
+    if source.startswith("random:"):
+        return loading.random_config(source.removeprefix("random:"), **runtime), source
+    if (Path(source) / "config.json").is_file():
+        from dapo_jax import hf
+
+        return hf.read_config(source, **runtime), f"{source}/config.json"
+    size = re.search(r"(0\.5|1\.5|3|7|14|32|72)B", Path(source).name, re.IGNORECASE)
+    if size and f"{size.group(1)}B" in qwen2.PRESET_NAMES:
+        return qwen2.preset(f"{size.group(1)}B", **runtime), f"Qwen2.5-{size.group(1)}B's published shapes " \
+                                                              f"(no checkpoint at {source})"
+    raise PlanError(f"model.path={source!r} has no config.json here and names no Qwen2.5 size; "
+                    f"pass --model random:<preset> (one of {', '.join(qwen2.PRESET_NAMES)})")
+
+
+def _abstract(tree, shardings):
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def bytes_on_device(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard of each)."""
+    total = 0
+    for x in jax.tree_util.tree_leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+# -- compiling -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Compiled:
+    seconds: float
+    argument: int
+    output: int
+    temp: int
+    alias: int
+    error: str = ""  # the compiler's refusal (e.g. out of memory), if it refused
+
+    @property
+    def peak(self) -> int:
+        return self.argument + self.output + self.temp - self.alias
+
+
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _oom_bytes(message: str) -> int:
+    """The temporaries the TPU compiler said a program needs, from its out-of-memory message."""
+    m = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", message)
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else 0
+
+
+def _compile(lowered_fn, args_bytes: int) -> Compiled:
+    """Compile; on an out-of-memory refusal keep the compiler's figure for the temporaries and the
+    arguments' size (`args_bytes` per device), so the plan can still say by how much it misses."""
+    start = time.perf_counter()
+    try:
+        lowered = lowered_fn()
+    except Exception as e:  # noqa: BLE001 - a shape problem: reported, not a crash
+        return Compiled(0.0, 0, 0, 0, 0, error=f"{type(e).__name__}: {e}")
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - the TPU compiler reports out-of-memory here
+        return Compiled(time.perf_counter() - start, args_bytes, 0, _oom_bytes(str(e)), 0,
+                        error=f"{type(e).__name__}: {e}")
+    m = compiled.memory_analysis()
+    return Compiled(time.perf_counter() - start, m.argument_size_in_bytes, m.output_size_in_bytes,
+                    m.temp_size_in_bytes, m.alias_size_in_bytes)
+
+
+def train_batch_shapes(cfg: ml_collections.ConfigDict, rows: int, mesh) -> dict:
+    width = cfg.data.max_prompt_length + cfg.rollout.max_response_length
+    sharded = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    shapes = {"tokens": jnp.int32, "attention_mask": jnp.int32, "loss_mask": jnp.int32, "old_logp": jnp.float32}
+    batch = {k: jax.ShapeDtypeStruct((rows, width), dtype, sharding=sharded) for k, dtype in shapes.items()}
+    batch["advantages"] = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sharded)
+    return batch
+
+
+def kv_cache_bytes(config: qwen2.Qwen2Config, sequences: int, length: int, mesh) -> int:
+    """Bytes per device of the sampler's KV cache for `sequences` rows of `length` slots."""
+    shape = (config.num_hidden_layers, sequences, config.num_key_value_heads, length, config.kv_head_dim)
+    spec, _ = sharding.logical_to_spec(qwen2.CACHE_AXES, shape, dict(mesh.shape))
+    shard = NamedSharding(mesh, spec).shard_shape(shape)
+    return 2 * math.prod(shard) * jnp.dtype(config.dtype).itemsize  # keys and values
+
+
+@dataclasses.dataclass
+class Plan:
+    cfg: ml_collections.ConfigDict
+    target: Target
+    mesh_shape: dict
+    model: qwen2.Qwen2Config
+    model_source: str
+    params: int
+    opt_state: int
+    batch: int
+    train: Compiled
+    sampler: Compiled
+    sampler_phase: str  # "rollout" or "eval": whichever sampler call holds more sequences
+    sampler_prompts: int  # prompts per sampler call
+    sampler_samples: int  # answers per prompt
+    sampler_sequences: int
+    sampler_length: int
+    kv_cache: int
+    kv_cache_per_sequence: float  # bytes per device per sequence
+
+    @property
+    def state(self) -> int:
+        return self.params + self.opt_state
+
+    @property
+    def train_peak(self) -> int:
+        # arguments hold the state and the batch; the state's outputs alias its donated inputs
+        return self.train.peak
+
+    @property
+    def sampler_peak(self) -> int:
+        # the sampler's arguments hold the parameters; the optimizer state sits beside them
+        return self.sampler.peak + self.opt_state
+
+    @property
+    def peak(self) -> int:
+        return max(self.train_peak, self.sampler_peak)
+
+    @property
+    def fits(self) -> bool | None:
+        if self.train.error or self.sampler.error:
+            return False
+        return None if self.target.hbm_bytes is None else self.peak <= self.target.hbm_bytes
+
+
+# The config fields each compiled program depends on (a plan reuses a compilation whose fields did
+# not change: the train step does not see the sampler's chunk, and the other way round).
+_SAMPLER_ONLY = ("rollout.generation_chunk", "rollout.gen_prompts_per_batch", "eval.prompts_per_batch",
+                 "eval.samples_per_prompt")
+_TRAIN_ONLY = ("optim.microbatch_size", "optim.minibatch_size", "model.remat_policy")
+
+
+def _key(cfg: ml_collections.ConfigDict, leave_out: tuple[str, ...]) -> str:
+    flat = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif f"{prefix}{k}" not in leave_out:
+                flat[f"{prefix}{k}"] = v
+    walk(cfg.to_dict(), "")
+    return repr(sorted(flat.items()))
+
+
+def make_plan(cfg: ml_collections.ConfigDict, topology: str, *, slices: int = 1, model: str = "",
+              previous: Plan | None = None) -> Plan:
+    """Plan `cfg` on `topology`; compilations of `previous` (a plan of a config that differs only in
+    the other program's fields) are reused."""
+    tgt = target(topology, slices)
+    found = config_lib.problems(cfg, len(tgt.devices))
+    if found:
+        raise PlanError(f"the config cannot run on {len(tgt.devices)} devices:\n  - " + "\n  - ".join(found))
+    mesh = sharding.make_mesh(**cfg.mesh, devices=tgt.devices)
+    model_cfg, source = model_config(cfg, model)
+    params = _abstract(qwen2.abstract_params(model_cfg), qwen2.param_shardings(model_cfg, mesh))
+    update = train.make_update(cfg, model_cfg, mesh)
+    state = train_step_lib.abstract_train_state(params, update.optimizer)
+    batch = train_batch_shapes(cfg, update.rows, mesh)
+    if previous is not None and _key(previous.cfg, _SAMPLER_ONLY) == _key(cfg, _SAMPLER_ONLY):
+        train_compiled = previous.train
+    else:
+        with jax.set_mesh(mesh):
+            train_compiled = _compile(lambda: update.train_step.jitted(state, batch).lower(state, batch),
+                                      bytes_on_device(state) + bytes_on_device(batch))
+
+    # The largest sampler call: a rollout chunk, or an evaluation batch (k samples per prompt).
+    r, e = cfg.rollout, cfg.eval
+    calls = {"rollout": (r.generation_chunk or r.gen_prompts_per_batch, r.samples_per_prompt),
+             "eval": (e.prompts_per_batch, e.samples_per_prompt)}
+    phase = max(calls, key=lambda k: math.prod(calls[k]))
+    prompts, samples = calls[phase]
+    multiple = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    rows = -(-prompts // multiple) * multiple  # the sampler pads the batch to split evenly
+    bucket = max(r.prompt_bucket, 1)
+    prompt_len = -(-cfg.data.max_prompt_length // bucket) * bucket
+    on_cpu = topology == "cpu" and jax.default_backend() == "cpu"
+    spec = sampling.SamplingConfig(max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
+                                   top_k=r.top_k, eos_ids=(0,), num_samples=samples, prompt_bucket=bucket,
+                                   layer_loop="unrolled" if on_cpu else "scan")
+    replicated = NamedSharding(mesh, PartitionSpec())
+    prompt_args = (jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=replicated),
+                   jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=replicated),
+                   jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=replicated),
+                   jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=replicated))
+    if previous is not None and _key(previous.cfg, _TRAIN_ONLY) == _key(cfg, _TRAIN_ONLY):
+        sampler_compiled = previous.sampler
+    else:
+        with jax.set_mesh(mesh):
+            sampler_compiled = _compile(lambda: sampling._generate.lower(model_cfg, spec, params, *prompt_args),
+                                        bytes_on_device(params) + bytes_on_device(prompt_args[:3]))
+    length = prompt_len + r.max_response_length - 1
+    sequences = rows * samples
+    cache = kv_cache_bytes(model_cfg, sequences, length, mesh)
+    return Plan(cfg, tgt, dict(mesh.shape), model_cfg, source, bytes_on_device(params),
+                bytes_on_device(state.opt_state), bytes_on_device(batch), train_compiled, sampler_compiled,
+                phase, prompts, samples, sequences, length, cache, cache / sequences)
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:9.3f}"
+
+
+def proposals(plan: Plan) -> dict[str, object]:
+    """Config changes that should make `plan` fit, from its own figures (`fit` checks them by planning
+    again): fewer prompts per sampler call, rematerialisation, smaller micro-batches."""
+    hbm = plan.target.hbm_bytes
+    if plan.fits is not False or hbm is None:
+        return {}
+    cfg, out = plan.cfg, {}
+    usable = 0.9 * hbm  # headroom for fragmentation and what the figures leave out
+    if plan.sampler.error or plan.sampler_peak > hbm:
+        # Beside the train state, what the sampler holds grows with its sequences (the KV cache most).
+        per_prompt = (plan.sampler_peak - plan.state) / plan.sampler_sequences * plan.sampler_samples
+        prompts = int((usable - plan.state) // max(per_prompt, 1))
+        # the sampler pads its prompts to a multiple of the data-parallel devices: ask for one
+        dp = plan.mesh_shape["data"] * plan.mesh_shape["fsdp"]
+        prompts = prompts // dp * dp if prompts >= dp else prompts
+        field = "rollout.generation_chunk" if plan.sampler_phase == "rollout" else "eval.prompts_per_batch"
+        if 1 <= prompts < plan.sampler_prompts:
+            out[field] = prompts
+    if plan.train.error or plan.train_peak > hbm:
+        micro = cfg.optim.microbatch_size or cfg.optim.minibatch_size
+        dp = plan.mesh_shape["data"] * plan.mesh_shape["fsdp"]
+        if cfg.model.remat_policy == "none":
+            out["model.remat_policy"] = "full"
+        elif micro > dp:  # activations grow with the micro-batch
+            want = micro * (usable - plan.state - plan.batch) / max(plan.train.temp, 1)
+            options = [m for m in range(dp, micro, dp) if cfg.optim.minibatch_size % m == 0]
+            if options:
+                out["optim.microbatch_size"] = max([m for m in options if m <= want] or [min(options)])
+    return out
+
+
+def suggestions(plan: Plan) -> list[str]:
+    """What would make the plan fit, in words, with the numbers behind each suggestion."""
+    if plan.fits is not False:
+        return []
+    out = [f"set {k}={v}" for k, v in proposals(plan).items()]
+    m, hbm = plan.mesh_shape, plan.target.hbm_bytes
+    if m["data"] > 1:
+        out.append(f"parameters and optimizer state ({plan.state / GIB:.2f} GiB per device) shrink with more fsdp: "
+                   f"move devices from mesh.data={m['data']} to mesh.fsdp")
+    if hbm:
+        out.append(f"or use a larger slice: `--topology {re.sub(r'-.*|:.*', '', plan.target.topology)}` searches "
+                   f"for the smallest that fits")
+    return out
+
+
+def _with(cfg: ml_collections.ConfigDict, changes: dict) -> ml_collections.ConfigDict:
+    from dapo_jax import sweep
+
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    for key, value in changes.items():
+        sweep.set_field(out, key, str(value))
+    return out
+
+
+def fit(cfg: ml_collections.ConfigDict, topology: str, *, slices: int = 1, model: str = "", rounds: int = 6,
+        say=print) -> tuple[Plan, dict]:
+    """Plan; while it does not fit and there is a change to try, apply it and plan again. Returns the
+    last plan and the changes it needed (every figure in the plan is from a compilation)."""
+    changes: dict = {}
+    plan = make_plan(cfg, topology, slices=slices, model=model)
+    for _ in range(rounds):
+        proposed = proposals(plan)
+        if not proposed:
+            break
+        changes.update(proposed)
+        say(f"  {topology}: does not fit; trying {', '.join(f'{k}={v}' for k, v in changes.items())}", flush=True)
+        plan = make_plan(_with(cfg, changes), topology, slices=slices, model=model, previous=plan)
+    return plan, changes
+
+
+def search(cfg: ml_collections.ConfigDict, generation: str, *, slices: int = 1, model: str = "",
+           say=print) -> tuple[Plan, dict]:
+    """The smallest slice of `generation` (v4, v5p, v5e, v6e) on which the config fits, with the changes
+    it needs. Sizes start where the train state could take at most half of each chip's HBM."""
+    name, per_chip, dims = _GENERATIONS[generation]
+    model_cfg, _ = model_config(cfg, model)
+    n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(qwen2.abstract_params(model_cfg)))
+    state_bytes = n_params * (jnp.dtype(cfg.model.param_dtype).itemsize + 8)  # params + two float32 moments
+    hbm = HBM_GIB["TPU v5" if name == "v5p" else {"v4": "TPU v4", "v5e": "TPU v5 lite", "v6e": "TPU v6 lite"}[name]]
+    chips = 4 if dims == 3 else 1
+    while state_bytes / (chips * slices) > 0.5 * hbm * GIB or chips < cfg.mesh.tensor:
+        chips *= 2
+    plan = None
+    while chips <= 4096:
+        topology = f"{generation}-{chips * per_chip}"
+        say(f"trying {topology}", flush=True)
+        try:
+            plan, changes = fit(cfg, topology, slices=slices, model=model, say=say)
+        except PlanError as e:  # e.g. the mesh does not divide this many devices
+            say(f"  {topology}: {e}", flush=True)
+        else:
+            if plan.fits:
+                return plan, changes
+        chips *= 2
+    if plan is None:
+        raise PlanError(f"no {generation} slice up to 4096 chips can hold this config")
+    return plan, changes
+
+
+def report(plan: Plan, config_name: str) -> str:
+    t, m = plan.target, plan.mesh_shape
+    cfg = plan.cfg
+    n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(qwen2.abstract_params(plan.model)))
+    hbm = f"{t.hbm_bytes / GIB:.2f} GiB HBM each" if t.hbm_bytes else "memory: this machine's"
+    lines = [
+        f"plan: {config_name} on {t.name} ({len(t.devices)} x {t.kind}, {t.hosts} host(s), {hbm}; topology {t.topology})",
+        f"mesh: data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}",
+        f"model: {n_params / 1e9:.3g}B parameters from {plan.model_source}; params {cfg.model.param_dtype}, "
+        f"compute {cfg.model.compute_dtype}, remat {cfg.model.remat_policy}",
+        f"train step: {plan.cfg.rollout.prompts_per_step * plan.cfg.rollout.samples_per_prompt} answers x "
+        f"{cfg.data.max_prompt_length + cfg.rollout.max_response_length} tokens, mini-batch "
+        f"{cfg.optim.minibatch_size}, micro-batch {cfg.optim.microbatch_size or cfg.optim.minibatch_size}",
+        f"sampler: its largest call ({plan.sampler_phase}) is {plan.sampler_prompts} prompts x "
+        f"{plan.sampler_samples} = {plan.sampler_sequences} sequences x {plan.sampler_length} cache slots",
+        "",
+        "per device                                   GiB",
+        f"  parameters                           {_gib(plan.params)}",
+        f"  optimizer state (AdamW moments)      {_gib(plan.opt_state)}",
+        f"  train step: batch                    {_gib(plan.batch)}",
+    ]
+    if plan.train.error:
+        lines.append(f"  train step: DID NOT COMPILE: {plan.train.error.splitlines()[0][:300]}")
+    else:
+        lines += [f"  train step: activations and temps    {_gib(plan.train.temp)}",
+                  f"  train step peak                      {_gib(plan.train_peak)}   (compiled in {plan.train.seconds:.0f} s)"]
+    lines.append(f"  sampler: KV cache                    {_gib(plan.kv_cache)}")
+    if plan.sampler.error:
+        lines.append(f"  sampler: DID NOT COMPILE: {plan.sampler.error.splitlines()[0][:300]}")
+    else:
+        lines += [f"  sampler: other temps                 {_gib(max(plan.sampler.temp - plan.kv_cache, 0))}",
+                  f"  sampler peak (with optimizer state)  {_gib(plan.sampler_peak)}   (compiled in {plan.sampler.seconds:.0f} s)"]
+    if t.hbm_bytes:
+        lines.append(f"  HBM                                  {_gib(t.hbm_bytes)}")
+    verdict = {True: f"FITS: peak {plan.peak / GIB:.2f} GiB of {t.hbm_bytes / GIB:.2f} GiB per device "
+                     f"({100 * plan.peak / t.hbm_bytes:.0f}%)" if t.hbm_bytes else "",
+               False: "DOES NOT FIT", None: f"peak {plan.peak / GIB:.2f} GiB per device (no HBM figure for "
+                                            f"{t.kind}: compare with the device's memory)"}[plan.fits]
+    lines += ["", verdict]
+    for s in suggestions(plan):
+        lines.append(f"  - {s}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dapo_jax.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="a config file, optionally with :arg")
+    parser.add_argument("--topology", required=True,
+                        help="v5p-128, v4-32, v5e-8, v6e-8, v5p:4x4x4, cpu; or a generation (v5p) to find the "
+                             "smallest slice that fits")
+    parser.add_argument("--slices", type=int, default=1, help="slices of --topology (multi-slice)")
+    parser.add_argument("--fit", action="store_true", help="if it does not fit, apply the suggested changes and "
+                                                           "plan again until it does (or nothing is left to try)")
+    parser.add_argument("--model", default="", help="random:<preset> to plan for a shape without its checkpoint")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set rollout.generation_chunk=64 (repeatable)")
+    args = parser.parse_args(argv)
+    if args.topology != "cpu" and not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")  # compiling for a TPU description needs no TPU attached
+    from dapo_jax import sweep
+
+    try:
+        path, arg = sweep.split_config_arg(args.config)
+        module = config_lib.load_config_file(path)
+        cfg = module.get_config(arg) if arg is not None else module.get_config()
+        for item in args.set:
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise PlanError(f"--set {item!r}: write key=value")
+            sweep.set_field(cfg, key, value)
+        if args.topology in _GENERATIONS:
+            plan, changes = search(cfg, args.topology, slices=args.slices, model=args.model)
+        elif args.fit:
+            plan, changes = fit(cfg, args.topology, slices=args.slices, model=args.model)
+        else:
+            plan, changes = make_plan(cfg, args.topology, slices=args.slices, model=args.model), {}
+    except (PlanError, sweep.SweepError, config_lib.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = args.config + "".join(f" --set {s}" for s in args.set)
+    print(report(plan, name + "".join(f" --set {k}={v}" for k, v in changes.items())), flush=True)
+    if changes and plan.fits:
+        print("\nit fits with these changes (add them to the config or the command line):\n  "
+              + " ".join(f"--config.{k}={v}" for k, v in changes.items()), flush=True)
+    return 0 if plan.fits is not False else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Multi-host: two processes on localhost joined by jax.distributed (4 CPU devices each) train the tiny
+config on the 8-device global mesh and end with the losses and parameters of one process with 8
+devices. Every process runs the same host loop; checkpoints are written cooperatively."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from dapo_jax import config as config_lib, evaluate
+from dapo_jax.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["--config=configs/synthetic_tiny.py", "--config.steps=3", "--config.rollout.prompts_per_step=4",
+         "--config.rollout.samples_per_prompt=4", "--config.rollout.gen_prompts_per_batch=8",
+         "--config.rollout.on_gen_batch_limit=train_partial", "--config.optim.minibatch_size=8",
+         "--config.data.synthetic.train_problems=200", "--config.data.eval_problems=8",
+         "--config.eval.samples_per_prompt=2", "--config.eval.every=2", "--config.checkpoint.every=1",
+         "--config.tensorboard=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(workdir, devices, extra=()):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "dapo_jax.train", *FLAGS, f"--workdir={workdir}", *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process, timeout=900):
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+def params(workdir):
+    """The float32 parameters of the run's last checkpoint (the Hugging Face export is bfloat16)."""
+    cfg = config_lib.default_config()
+    return jax.tree_util.tree_leaves(evaluate.load_policy(cfg, workdir, mesh=None)[1])
+
+
+LOSSES = ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "actor/approx_kl", "rollout/acc_mean",
+          "rollout/response_length_mean", "dynamic_sampling/gen_batches")
+
+
+def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
+    port = free_port()
+    pair = [start(tmp_path / "two", 4, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                        f"--process_id={i}"]) for i in range(2)]
+    outputs = [finish(p) for p in pair]
+    finish(start(tmp_path / "one", 8))
+
+    two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2, 3, 3]
+    for a, b in zip(two, one):
+        for key in LOSSES + ("eval/all/avg@2",):
+            if key in b:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=f"step {b['step']} {key}")
+    for a, b in zip(params(tmp_path / "two"), params(tmp_path / "one")):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # one set of outputs: process 0 logs and writes; both wrote the checkpoint together
+    assert "held-out evaluation before training" in outputs[0] and "held-out evaluation" not in outputs[1]
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["steps"] == 3
+
+
+def test_a_process_without_its_peers_says_what_is_missing(tmp_path):
+    process = start(tmp_path, 4, ["--coordinator_address=127.0.0.1:1", "--num_processes=2"])
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode != 0 and "--process_id in [0, num_processes)" in out

@@ -1,0 +1,101 @@
+"""The memory planner: slice shapes, per-device figures that match real sharded arrays, compiling for
+a TPU topology this machine does not have (libtpu), and a config that does not fit made to fit."""
+
+import jax
+import numpy as np
+import pytest
+
+from dapo_jax import config as config_lib, plan, sharding, train, train_step
+
+
+@pytest.mark.parametrize("topology, shape", [
+    ("v5p-8", (2, 2, 1)), ("v5p-16", (2, 2, 2)), ("v5p-128", (4, 4, 4)), ("v5p-256", (4, 4, 8)),
+    ("v4-32", (2, 2, 4)), ("v4-64", (2, 4, 4)), ("v5e-8", (2, 4)), ("v6e-16", (4, 4)), ("v5litepod-32", (4, 8)),
+])
+def test_accelerator_types_map_to_their_slice_shapes(topology, shape):
+    generation, count = topology.rsplit("-", 1)
+    _, per_chip, dims = plan._GENERATIONS[generation]
+    assert plan.slice_shape(int(count) // per_chip, dims) == shape
+
+
+@pytest.mark.parametrize("topology, message", [
+    ("v5p-12", "powers of two"), ("v5p-7", "count TensorCores"), ("h100-8", "use an accelerator type"),
+])
+def test_bad_topologies_say_what_to_write(topology, message):
+    with pytest.raises(plan.PlanError, match=message):
+        plan.target(topology)
+
+
+def small_config(**changes):
+    cfg = config_lib.default_config()
+    cfg.rollout.prompts_per_step, cfg.rollout.gen_prompts_per_batch = 16, 32
+    cfg.eval.prompts_per_batch = 16
+    for key, value in changes.items():
+        section, field = key.split("__")
+        cfg[section][field] = value
+    return cfg
+
+
+def test_the_plan_counts_the_bytes_the_real_sharded_state_holds():
+    cfg = small_config()
+    p = plan.make_plan(cfg, "cpu")  # the 8 forced CPU devices
+    assert p.mesh_shape == {"data": 1, "fsdp": 8, "tensor": 1} and p.fits is None  # no HBM figure for a CPU
+    mesh = sharding.make_mesh(**cfg.mesh)
+    model_config, params = train.load_model(train.model_source(cfg), dtype="float32", mesh=mesh)
+    state = train_step.init_train_state(params, train.make_update(cfg, model_config, mesh).optimizer)
+
+    def on_device_0(tree):
+        return sum(sharding.bytes_per_device(x).get(jax.devices()[0].id, 0) for x in jax.tree_util.tree_leaves(tree))
+
+    assert p.params == on_device_0(state.params)
+    assert p.opt_state == on_device_0(state.opt_state)
+    assert p.params < sum(x.nbytes for x in jax.tree_util.tree_leaves(state.params)) / 4  # really split
+    assert p.train.peak > p.state and p.sampler.temp >= p.kv_cache > 0  # the compiled programs hold them
+    # the KV cache: layers x sequences x kv heads x slots x head dim, keys and values, split over 8 devices
+    c = model_config
+    sequences = 32 * 8  # a generation batch (32 prompts x 8 answers) is the largest sampler call
+    assert (p.sampler_phase, p.sampler_sequences) == ("rollout", sequences)
+    assert p.kv_cache == 2 * c.num_hidden_layers * sequences * c.num_key_value_heads * p.sampler_length * \
+        c.kv_head_dim * 4 // 8
+
+
+def test_a_tpu_slice_is_planned_without_a_tpu():
+    p = plan.make_plan(small_config(), "v5p-8")  # 4 chips of TPU v5p, compiled here by libtpu
+    assert p.target.kind == "TPU v5" and len(p.target.devices) == 4 and p.mesh_shape["fsdp"] == 4
+    assert p.fits is True and not p.train.error and not p.sampler.error
+    text = plan.report(p, "tiny")
+    assert "FITS" in text and "v5p:2x2x1" in text
+
+
+def test_a_config_that_does_not_fit_is_told_so_and_made_to_fit():
+    # The tiny model with a long answer and a huge sampler call: its KV cache exceeds a v5e chip's 16 GiB.
+    cfg = small_config(rollout__max_response_length=400, data__max_prompt_length=40, eval__prompts_per_batch=2048,
+                       eval__samples_per_prompt=64, optim__microbatch_size=0)
+    p = plan.make_plan(cfg, "v5e-4")
+    assert p.fits is False and p.sampler_phase == "eval"
+    assert p.sampler_peak > p.target.hbm_bytes  # by the compiler's own figure
+    assert "DOES NOT FIT" in plan.report(p, "big") and "eval.prompts_per_batch=" in plan.report(p, "big")
+    fitted, changes = plan.fit(cfg, "v5e-4", say=lambda *a, **k: None)
+    assert fitted.fits is True and 1 <= changes["eval.prompts_per_batch"] < 2048
+    assert fitted.sampler_peak <= fitted.target.hbm_bytes
+
+
+def test_the_command_line_reports_and_exits_by_the_verdict(capsys):
+    assert plan.main(["--config", "configs/synthetic_tiny.py", "--topology", "v5p-8"]) == 0
+    assert "FITS" in capsys.readouterr().out
+    assert plan.main(["--config", "configs/synthetic_tiny.py", "--topology", "v5p-8", "--set", "steps"]) == 2
+    assert "write key=value" in capsys.readouterr().err
+
+
+def test_a_multislice_mesh_keeps_fsdp_and_tensor_inside_each_slice():
+    cfg = small_config()
+    cfg.mesh.update(data=2, fsdp=-1, tensor=2, slices=2)
+    t = plan.target("v5p-8", slices=2)  # two 4-chip slices
+    mesh = sharding.make_mesh(**cfg.mesh, devices=t.devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    grid = mesh.devices
+    for d in range(2):  # each data index is one slice
+        assert {x.slice_index for x in grid[d].flat} == {d}
+    assert config_lib.problems(cfg, 8) == []
+    cfg.mesh.update(data=1, fsdp=-1)
+    assert any("mesh.slices=2" in p for p in config_lib.problems(cfg, 8))
