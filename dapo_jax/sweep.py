@@ -13,7 +13,8 @@ A key with one value is a fixed override and stays out of the run names. Without
 Runs go one after another on this host, each into `<workdir>/<key=value,...,seed=N>/` (a normal
 training workdir). A run that finished (its `result.json` is there, written last) is skipped; one
 that was interrupted resumes from its checkpoint; one that failed is reported and rerun next time.
-On a pod, `--dry-run` prints each run's `python -m dapo_jax.train` command to launch on its own.
+On a pod, `--dry-run` prints each run's `python -m dapo_jax.train` command, and with
+`--launch "launch/tpu.sh --name NAME --zone ZONE"` the `launch/tpu.sh ... run` that starts it on a slice.
 
 Outputs, rebuilt from the runs' metrics.jsonl after every sweep (or alone with `--report-only`):
     runs.csv      one row per run: final and best held-out accuracy, entropy, length, time
@@ -242,13 +243,18 @@ def run_all(config: str, specs: list[RunSpec], workdir: Path, train_fn=None) -> 
     return status
 
 
-def train_command(config: str, spec: RunSpec, workdir: Path) -> str:
-    """The one-run command a pod launch runs (the same run this sweep would do)."""
+def train_command(config: str, spec: RunSpec, workdir: Path, launcher: str = "") -> str:
+    """The one-run command (the same run this sweep would do): `python -m dapo_jax.train ...`, or with
+    `launcher` (e.g. "launch/tpu.sh --name dapo --zone us-east5-a") its `run` on a TPU slice."""
     path, arg = split_config_arg(config)
     preset = dict(spec.overrides).get(PRESET, arg)
-    flags = [f"--config={path}" + (f":{preset}" if preset is not None else ""), f"--workdir={workdir / spec.name}",
-             f"--config.seed={spec.seed}"] + [f"--config.{k}={v}" for k, v in spec.overrides if k != PRESET]
-    return "python -m dapo_jax.train " + " ".join(_shell_quote(f) for f in flags)
+    config_flag = f"--config={path}" + (f":{preset}" if preset is not None else "")
+    workdir_flag = f"--workdir={workdir / spec.name}"
+    flags = [f"--config.seed={spec.seed}"] + [f"--config.{k}={v}" for k, v in spec.overrides if k != PRESET]
+    if launcher:
+        return " ".join([launcher, _shell_quote(config_flag), _shell_quote(workdir_flag), "run", "--",
+                         *(_shell_quote(f) for f in flags)])
+    return "python -m dapo_jax.train " + " ".join(_shell_quote(f) for f in [config_flag, workdir_flag, *flags])
 
 
 def _shell_quote(text: str) -> str:
@@ -521,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, help="seeds 0..N-1 per combination (default: the file's SEEDS or 1)")
     parser.add_argument("--workdir", required=True, help="the sweep's directory; each run gets a subdirectory")
     parser.add_argument("--dry-run", action="store_true", help="print each run's train command and exit")
+    parser.add_argument("--launch", default="", metavar="PREFIX",
+                        help="with --dry-run: print each run as `PREFIX --config .. --workdir .. run -- ..`, e.g. "
+                             "\"launch/tpu.sh --name dapo --zone us-east5-a\" (each run its own launch on a pod)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the tables and plots, run nothing")
     args = parser.parse_args(argv)
     from absl import logging as absl_logging
@@ -531,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = sweep_specs(args.config, args.sweep, args.seeds)
         if args.dry_run:
             for spec in specs:
-                print(train_command(args.config, spec, workdir))
+                print(train_command(args.config, spec, workdir, args.launch))
             return 0
         status = {} if args.report_only else run_all(args.config, specs, workdir)
     except SweepError as e:

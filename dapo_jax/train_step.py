@@ -240,12 +240,13 @@ def make_train_step(config: Qwen2Config, loss_config: LossConfig, optimizer: opt
         return state.replace(step=state.step + 1), metrics
 
     if mesh is None:
-        jitted = jax.jit(train_step, donate_argnums=0)
+        single = jax.jit(train_step, donate_argnums=0)
 
         def run(state: TrainState, batch: dict):
             check_batch(batch, num_minibatches, num_microbatches)
-            return jitted(state, batch)
+            return single(state, batch)
 
+        run.jitted = lambda state, batch: single
         return run
 
     # On a mesh the layouts are fixed: the state keeps the shardings it was created with (params by

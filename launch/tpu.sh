@@ -19,7 +19,8 @@
 #   --queued             request a queued resource even for one slice                  [TPU_QUEUED=1]
 #   --spot               spot capacity                                                 [TPU_SPOT=1]
 #   --config FILE[:ARG]  the run config, relative to the checkout                      [DAPO_CONFIG]
-#   --workdir DIR        the run's directory, the same for every worker: gs://...      [DAPO_WORKDIR]
+#   --workdir DIR        the run's directory on each worker (process 0 writes metrics)  [DAPO_WORKDIR]
+#   --checkpoints URI    shared checkpoint storage for all workers: gs://bucket/run     [DAPO_CHECKPOINTS]
 #   --worker N           which worker `logs` streams                                   [TPU_WORKER]
 #   --dry-run            print the commands instead of running them                    [DRY_RUN=1]
 #
@@ -27,7 +28,7 @@
 #   launch/tpu.sh --name dapo --zone us-east5-a --accelerator v5p-256 --queued create
 #   launch/tpu.sh --name dapo --zone us-east5-a setup
 #   launch/tpu.sh --name dapo --zone us-east5-a --config configs/dapo_qwen2_5_32b.py \
-#       --workdir gs://my-bucket/dapo-32b run
+#       --workdir runs/dapo-32b --checkpoints gs://my-bucket/dapo-32b run
 set -euo pipefail
 
 name="${TPU_NAME:-}"
@@ -40,6 +41,7 @@ queued="${TPU_QUEUED:-0}"
 spot="${TPU_SPOT:-0}"
 config="${DAPO_CONFIG:-}"
 workdir="${DAPO_WORKDIR:-}"
+checkpoints="${DAPO_CHECKPOINTS:-}"
 worker="${TPU_WORKER:-0}"
 dry_run="${DRY_RUN:-0}"
 remote_dir="dapo-jax"  # the checkout on each worker, under the login user's home
@@ -69,6 +71,7 @@ while (($#)); do
     --spot) spot=1; shift ;;
     --config) config="$2"; shift 2 ;;
     --workdir) workdir="$2"; shift 2 ;;
+    --checkpoints) checkpoints="$2"; shift 2 ;;
     --worker) worker="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -178,8 +181,11 @@ setup() {
 
 run() {
   [[ -n "$config" ]] || die "run needs --config (e.g. configs/dapo_qwen2_5_32b.py)"
-  [[ -n "$workdir" ]] || die "run needs --workdir, the same on every worker (gs://bucket/run)"
+  [[ -n "$workdir" ]] || die "run needs --workdir (a directory on each worker, e.g. runs/dapo-32b)"
+  [[ -n "$checkpoints" ]] || die "run needs --checkpoints, storage every worker shares (gs://bucket/run): \
+each host writes its own shards of every checkpoint"
   local train="python -m dapo_jax.train --distributed --config=$config --workdir=$workdir"
+  train+=" $(quote "--config.checkpoint.dir=$checkpoints")"
   local flag
   for flag in "${extra_flags[@]}"; do train+=" $(quote "$flag")"; done
   local coordinator_ip=""

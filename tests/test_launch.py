@@ -66,8 +66,9 @@ def remote_command(argv):
 
 
 def test_run_starts_every_worker_of_every_slice_with_the_same_command():
-    lines = dry_run("--slices", "2", "--config", "configs/dapo_qwen2_5_32b.py", "--workdir", "gs://bucket/run",
-                    "run", "--", "--config.steps=10", "--config.data.system_prompt=it's a test")
+    lines = dry_run("--slices", "2", "--config", "configs/dapo_qwen2_5_32b.py", "--workdir", "runs/32b",
+                    "--checkpoints", "gs://bucket/run", "run", "--", "--config.steps=10",
+                    "--config.data.system_prompt=it's a test")
     describe, *ssh = lines
     assert describe[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "dapo-0"]
     assert [a[5] for a in ssh] == ["dapo-0", "dapo-1"] and all("--worker=all" in a for a in ssh)
@@ -76,7 +77,8 @@ def test_run_starts_every_worker_of_every_slice_with_the_same_command():
         assert f"MEGASCALE_SLICE_ID={slice_id}" in words and "MEGASCALE_NUM_SLICES=2" in words
         train = words[words.index("python"):words.index(">")]
         assert train == ["python", "-m", "dapo_jax.train", "--distributed", "--config=configs/dapo_qwen2_5_32b.py",
-                         "--workdir=gs://bucket/run", "--config.steps=10", "--config.data.system_prompt=it's a test"]
+                         "--workdir=runs/32b", "--config.checkpoint.dir=gs://bucket/run", "--config.steps=10",
+                         "--config.data.system_prompt=it's a test"]
         assert words[-1] == "&"  # detached: the ssh returns, the run goes on
 
 
@@ -97,6 +99,7 @@ def test_setup_logs_and_stop():
     (["--accelerator", "v5p", "create"], "not a TPU type"),
     (["run"], "needs --config"),
     (["--config", "c.py", "run"], "needs --workdir"),
+    (["--config", "c.py", "--workdir", "runs/x", "run"], "needs --checkpoints"),
     (["--slices", "0", "create"], "positive integer"),
     (["start"], "unknown command 'start'"),
     (["--bogus", "run"], "unknown option --bogus"),
@@ -110,7 +113,8 @@ def test_bad_arguments_say_what_to_change(args, message):
 def test_gcloud_itself_parses_every_printed_command(tmp_path):
     runs = [("--accelerator", "v5p-128", "create"), ("--accelerator", "v4-32", "--queued", "--spot", "create"),
             ("--accelerator", "v5p-256", "--slices", "2", "create"), ("setup",), ("logs",), ("stop",),
-            ("--slices", "2", "--config", "c.py", "--workdir", "gs://b/r", "run"), ("delete",),
+            ("--slices", "2", "--config", "c.py", "--workdir", "runs/r", "--checkpoints", "gs://b/r", "run"),
+            ("delete",),
             ("--queued", "delete")]
     env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
     for args in runs:

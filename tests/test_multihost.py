@@ -11,7 +11,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 
 from dapo_jax import config as config_lib, evaluate
 from dapo_jax.metrics import read_metrics
@@ -66,8 +65,13 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
         for key in LOSSES + ("eval/all/avg@2",):
             if key in b:
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=f"step {b['step']} {key}")
+    # The gradients are summed across processes by gloo instead of in one process, so float32 sums can
+    # differ in their last bits; Adam divides each update by its gradient's own scale, so for a
+    # near-zero gradient that can shift a parameter by a small part of one step (lr 2e-4). Bound:
+    # a tenth of one step, and all but a few parameters agree to 1e-6.
     for a, b in zip(params(tmp_path / "two"), params(tmp_path / "one")):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
+        assert np.mean(np.abs(a - b) > 1e-6) < 1e-4
     # one set of outputs: process 0 logs and writes; both wrote the checkpoint together
     assert "held-out evaluation before training" in outputs[0] and "held-out evaluation" not in outputs[1]
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]

@@ -1,7 +1,6 @@
 """Every notebook's code runs top to bottom (so the walkthroughs never rot)."""
 
 import json
-import os
 import pathlib
 
 import pytest

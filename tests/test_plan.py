@@ -2,7 +2,6 @@
 a TPU topology this machine does not have (libtpu), and a config that does not fit made to fit."""
 
 import jax
-import numpy as np
 import pytest
 
 from dapo_jax import config as config_lib, plan, sharding, train, train_step

@@ -64,6 +64,9 @@ def test_the_ladder_presets_are_the_ablation_rungs_on_the_ladder_task():
     command = sweep.train_command(LADDER, specs[3], sweep.Path("runs/ladder"))
     assert command == ("python -m dapo_jax.train --config=configs/ladder.py:overlong_filtering "
                        "--workdir=runs/ladder/preset=overlong_filtering,seed=0 --config.seed=0")
+    launch = sweep.train_command(LADDER, specs[3], sweep.Path("runs/ladder"), "launch/tpu.sh --name dapo")
+    assert launch == ("launch/tpu.sh --name dapo --config=configs/ladder.py:overlong_filtering "
+                      "--workdir=runs/ladder/preset=overlong_filtering,seed=0 run -- --config.seed=0")
 
 
 def test_a_2x2_sweep_runs_reports_and_skips_finished_runs(tmp_path, capsys):

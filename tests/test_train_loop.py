@@ -134,3 +134,23 @@ def test_resuming_drops_the_records_of_steps_that_run_again(tmp_path):
     writer.close()
     MetricsWriter(tmp_path, resume_step=3).close()  # the latest checkpoint was step 3
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_a_generation_batch_in_chunks_scores_every_prompt_in_order():
+    from dapo_jax import rollout
+    from dapo_jax.models.loading import load_model
+
+    cfg = small_config()
+    tokenizer = train.load_policy_tokenizer(cfg)
+    model_config, params = load_model(train.model_source(cfg))
+    records = train.load_prompts(cfg, "eval", tokenizer)[:7]
+    kwargs = dict(samples_per_prompt=2, reward=rollout.RewardConfig(16), temperature=1.0, top_p=1.0, top_k=0,
+                  seed=3, prompt_bucket=8)
+    chunked = rollout.generate_groups(model_config, params, records, tokenizer, chunk_prompts=3, **kwargs)
+    assert [g.record.uid for g in chunked] == [r.uid for r in records]  # 3 + 3 + 1 prompts, in order
+    assert all(len(g.responses) == 2 for g in chunked)
+    again = rollout.generate_groups(model_config, params, records, tokenizer, chunk_prompts=3, **kwargs)
+    assert [g.responses for g in again] == [g.responses for g in chunked]  # reproducible
+    # chunk i samples with seed + i: the first chunk is the same call as those 3 prompts alone
+    first = rollout.generate_groups(model_config, params, records[:3], tokenizer, **kwargs)
+    assert [g.responses for g in first] == [g.responses for g in chunked[:3]]
