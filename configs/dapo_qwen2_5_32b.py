@@ -34,6 +34,10 @@ def get_config():
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.prompt_bucket = 256
+    # Prompts per sampler call: a 22,527-slot KV cache costs ~0.17 GiB per sequence per device on a
+    # v5p-64 (fsdp 4 x tensor 8), so a 1,536-prompt generation batch runs as 64 calls of 24 x 16
+    # answers. `python -m dapo_jax.plan --config configs/dapo_qwen2_5_32b.py --topology v5p` found it.
+    c.rollout.generation_chunk = 24
 
     c.reward.overlong_buffer = 4096
     c.reward.overlong_penalty_factor = 1.0
@@ -50,22 +54,24 @@ def get_config():
     c.optim.weight_decay = 0.1
     c.optim.grad_clip = 1.0
     c.optim.minibatch_size = 512  # 32 prompts x 16 answers: 16 updates per rollout step
-    c.optim.microbatch_size = 32  # per forward/backward; a multiple of the data-parallel devices
+    c.optim.microbatch_size = 4  # per forward/backward: one 22.5k-token answer per data-parallel device
+    # (on a larger slice, raise it with the data-parallel devices: 8 on a v5p-128, whose fsdp is 8)
 
     c.eval.every = 10
     c.eval.samples_per_prompt = 32
     c.eval.temperature = 1.0
     c.eval.top_p = 0.7
-    c.eval.prompts_per_batch = 30
+    c.eval.prompts_per_batch = 12  # 12 x 32 answers per sampler call (the KV cache, as above)
 
     c.checkpoint.every = 10
     c.checkpoint.keep = 3
-    c.mesh.update(data=1, fsdp=-1, tensor=8)
+    c.mesh.update(data=1, fsdp=-1, tensor=8)  # v5p-64: fsdp 4 x tensor 8 (the planner's smallest fit)
     return c
 
 
 def at_size(name: str, *, max_response_length: int, overlong_buffer: int, prompts_per_step: int,
-            minibatch_size: int, microbatch_size: int, tensor: int):
+            minibatch_size: int, microbatch_size: int, tensor: int, generation_chunk: int = 0,
+            eval_prompts_per_batch: int = 30):
     """The same recipe for a smaller Qwen2.5: shorter answers, smaller batches, the same algorithm."""
     c = get_config()
     c.model.path = f"checkpoints/Qwen2.5-{name}"
@@ -75,5 +81,7 @@ def at_size(name: str, *, max_response_length: int, overlong_buffer: int, prompt
     c.rollout.gen_prompts_per_batch = 3 * prompts_per_step
     c.optim.minibatch_size = minibatch_size
     c.optim.microbatch_size = microbatch_size
+    c.rollout.generation_chunk = generation_chunk
+    c.eval.prompts_per_batch = eval_prompts_per_batch
     c.mesh.update(data=1, fsdp=-1, tensor=tensor)
     return c

@@ -68,10 +68,10 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
     # The gradients are summed across processes by gloo instead of in one process, so float32 sums can
     # differ in their last bits; Adam divides each update by its gradient's own scale, so for a
     # near-zero gradient that can shift a parameter by a small part of one step (lr 2e-4). Bound:
-    # a tenth of one step, and all but a few parameters agree to 1e-6.
+    # a tenth of one step for any parameter, and 1e-6 on average.
     for a, b in zip(params(tmp_path / "two"), params(tmp_path / "one")):
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
-        assert np.mean(np.abs(a - b) > 1e-6) < 1e-4
+        assert np.mean(np.abs(np.asarray(a) - np.asarray(b))) < 1e-6
     # one set of outputs: process 0 logs and writes; both wrote the checkpoint together
     assert "held-out evaluation before training" in outputs[0] and "held-out evaluation" not in outputs[1]
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
