@@ -264,6 +264,32 @@ class Plan:
         return None if self.target.hbm_bytes is None else self.peak <= HEADROOM * self.target.hbm_bytes
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplerCall:
+    phase: str  # "rollout" or "eval"
+    prompts: int  # as configured
+    samples: int
+    rows: int  # prompts padded to a multiple of the data-parallel devices, as the sampler does
+    prompt_length: int  # padded to the bucket
+    spec: sampling.SamplingConfig
+
+
+def largest_sampler_call(cfg: ml_collections.ConfigDict, mesh, *, on_cpu: bool) -> SamplerCall:
+    """The run's largest sampler call: a rollout chunk, or an evaluation batch (k samples per prompt)."""
+    r, e = cfg.rollout, cfg.eval
+    calls = {"rollout": (r.generation_chunk or r.gen_prompts_per_batch, r.samples_per_prompt),
+             "eval": (e.prompts_per_batch, e.samples_per_prompt)}
+    phase = max(calls, key=lambda k: math.prod(calls[k]))
+    prompts, samples = calls[phase]
+    multiple = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    bucket = max(r.prompt_bucket, 1)
+    spec = sampling.SamplingConfig(max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
+                                   top_k=r.top_k, eos_ids=(0,), num_samples=samples, prompt_bucket=bucket,
+                                   layer_loop="unrolled" if on_cpu else "scan")
+    return SamplerCall(phase, prompts, samples, -(-prompts // multiple) * multiple,
+                       -(-cfg.data.max_prompt_length // bucket) * bucket, spec)
+
+
 # The config fields each compiled program depends on (a plan reuses a compilation whose fields did
 # not change: the train step does not see the sampler's chunk, and the other way round).
 _SAMPLER_ONLY = ("rollout.generation_chunk", "rollout.gen_prompts_per_batch", "eval.prompts_per_batch",
@@ -305,37 +331,25 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: str, *, slices: int = 1,
             train_compiled = _compile(lambda: update.train_step.jitted(state, batch).lower(state, batch),
                                       bytes_on_device(state) + bytes_on_device(batch))
 
-    # The largest sampler call: a rollout chunk, or an evaluation batch (k samples per prompt).
-    r, e = cfg.rollout, cfg.eval
-    calls = {"rollout": (r.generation_chunk or r.gen_prompts_per_batch, r.samples_per_prompt),
-             "eval": (e.prompts_per_batch, e.samples_per_prompt)}
-    phase = max(calls, key=lambda k: math.prod(calls[k]))
-    prompts, samples = calls[phase]
-    multiple = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-    rows = -(-prompts // multiple) * multiple  # the sampler pads the batch to split evenly
-    bucket = max(r.prompt_bucket, 1)
-    prompt_len = -(-cfg.data.max_prompt_length // bucket) * bucket
-    on_cpu = topology == "cpu" and jax.default_backend() == "cpu"
-    spec = sampling.SamplingConfig(max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
-                                   top_k=r.top_k, eos_ids=(0,), num_samples=samples, prompt_bucket=bucket,
-                                   layer_loop="unrolled" if on_cpu else "scan")
+    call = largest_sampler_call(cfg, mesh, on_cpu=topology == "cpu" and jax.default_backend() == "cpu")
     replicated = NamedSharding(mesh, PartitionSpec())
-    prompt_args = (jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=replicated),
-                   jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=replicated),
-                   jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=replicated),
+    prompts_shape = (call.rows, call.prompt_length)
+    prompt_args = (jax.ShapeDtypeStruct(prompts_shape, jnp.int32, sharding=replicated),
+                   jax.ShapeDtypeStruct(prompts_shape, jnp.int32, sharding=replicated),
+                   jax.ShapeDtypeStruct((call.rows,), jnp.bool_, sharding=replicated),
                    jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=replicated))
     if previous is not None and _key(previous.cfg, _TRAIN_ONLY) == _key(cfg, _TRAIN_ONLY):
         sampler_compiled = previous.sampler
     else:
         with jax.set_mesh(mesh):
-            sampler_compiled = _compile(lambda: sampling._generate.lower(model_cfg, spec, params, *prompt_args),
-                                        bytes_on_device(params) + bytes_on_device(prompt_args[:3]))
-    length = prompt_len + r.max_response_length - 1
-    sequences = rows * samples
+            lower = lambda: sampling._generate.lower(model_cfg, call.spec, params, *prompt_args)  # noqa: E731
+            sampler_compiled = _compile(lower, bytes_on_device(params) + bytes_on_device(prompt_args[:3]))
+    length = call.prompt_length + cfg.rollout.max_response_length - 1  # the last token needs no slot
+    sequences = call.rows * call.samples
     cache = kv_cache_bytes(model_cfg, sequences, length, mesh)
     return Plan(cfg, tgt, dict(mesh.shape), model_cfg, source, bytes_on_device(params),
                 bytes_on_device(state.opt_state), bytes_on_device(batch), train_compiled, sampler_compiled,
-                phase, prompts, samples, sequences, length, cache, cache / sequences)
+                call.phase, call.prompts, call.samples, sequences, length, cache, cache / sequences)
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -456,7 +470,8 @@ def report(plan: Plan, config_name: str) -> str:
     n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(qwen2.abstract_params(plan.model)))
     hbm = f"{t.hbm_bytes / GIB:.2f} GiB HBM each" if t.hbm_bytes else "memory: this machine's"
     lines = [
-        f"plan: {config_name} on {t.name} ({len(t.devices)} x {t.kind}, {t.hosts} host(s), {hbm}; topology {t.topology})",
+        f"plan: {config_name} on {t.name} ({len(t.devices)} x {t.kind}, {t.hosts} host(s), {hbm}; "
+        f"topology {t.topology})",
         f"mesh: data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}",
         f"model: {n_params / 1e9:.3g}B parameters from {plan.model_source}; params {cfg.model.param_dtype}, "
         f"compute {cfg.model.compute_dtype}, remat {cfg.model.remat_policy}",
@@ -475,13 +490,15 @@ def report(plan: Plan, config_name: str) -> str:
         lines.append(f"  train step: DID NOT COMPILE: {plan.train.error.splitlines()[0][:300]}")
     else:
         lines += [f"  train step: activations and temps    {_gib(plan.train.temp)}",
-                  f"  train step peak                      {_gib(plan.train_peak)}   (compiled in {plan.train.seconds:.0f} s)"]
+                  f"  train step peak                      {_gib(plan.train_peak)}   "
+                  f"(compiled in {plan.train.seconds:.0f} s)"]
     lines.append(f"  sampler: KV cache                    {_gib(plan.kv_cache)}")
     if plan.sampler.error:
         lines.append(f"  sampler: DID NOT COMPILE: {plan.sampler.error.splitlines()[0][:300]}")
     else:
         lines += [f"  sampler: other temps                 {_gib(max(plan.sampler.temp - plan.kv_cache, 0))}",
-                  f"  sampler peak (with optimizer state)  {_gib(plan.sampler_peak)}   (compiled in {plan.sampler.seconds:.0f} s)"]
+                  f"  sampler peak (with optimizer state)  {_gib(plan.sampler_peak)}   "
+                  f"(compiled in {plan.sampler.seconds:.0f} s)"]
     if t.hbm_bytes:
         lines.append(f"  HBM                                  {_gib(t.hbm_bytes)}")
     if plan.fits is None:

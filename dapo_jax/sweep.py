@@ -141,13 +141,14 @@ def _convert(key: str, text: str, current):
 def set_field(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
     *path, leaf = key.split(".")
     node = cfg
+    section = lambda v: isinstance(v, ml_collections.ConfigDict)  # noqa: E731
     for i, part in enumerate(path):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        if part not in node or not section(node[part]):
             raise SweepError(f"unknown config field {key!r}: {'.'.join(path[:i + 1])!r} is not a section "
-                             f"(sections: {', '.join(k for k, v in node.items() if isinstance(v, ml_collections.ConfigDict))})")
+                             f"(sections: {', '.join(k for k, v in node.items() if section(v))})")
         node = node[part]
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
-        fields = ", ".join(sorted(k for k, v in node.items() if not isinstance(v, ml_collections.ConfigDict)))
+    if leaf not in node or section(node[leaf]):
+        fields = ", ".join(sorted(k for k, v in node.items() if not section(v)))
         raise SweepError(f"unknown config field {key!r}; the fields there are: {fields}")
     node[leaf] = _convert(key, text, node[leaf])
 
