@@ -215,11 +215,12 @@ def run_all(config: str, specs: list[RunSpec], workdir: Path, train_fn=None) -> 
     problems = [f"{name}: {p}" for name, c in configs.items() for p in config_lib.problems(c, jax.device_count())]
     if problems:  # every run checked before the first one starts
         raise SweepError("the sweep has runs that cannot start:\n  - " + "\n  - ".join(problems))
+    finished = {s.name: is_finished(workdir / s.name, configs[s.name]) for s in specs}  # changed settings: now
     status = {}
     for i, spec in enumerate(specs):
         cfg, run_dir = configs[spec.name], workdir / spec.name
         prefix = f"[{i + 1}/{len(specs)}] {spec.name}"
-        if is_finished(run_dir, cfg):
+        if finished[spec.name]:
             print(f"{prefix}: finished before, skipped", flush=True)
             status[spec.name] = "skipped"
             continue
