@@ -184,7 +184,8 @@ run() {
   [[ -n "$workdir" ]] || die "run needs --workdir (a directory on each worker, e.g. runs/dapo-32b)"
   [[ -n "$checkpoints" ]] || die "run needs --checkpoints, storage every worker shares (gs://bucket/run): \
 each host writes its own shards of every checkpoint"
-  local train="python -m dapo_jax.train --distributed --config=$config --workdir=$workdir"
+  local train
+  train="python -m dapo_jax.train --distributed $(quote "--config=$config") $(quote "--workdir=$workdir")"
   train+=" $(quote "--config.checkpoint.dir=$checkpoints")"
   local flag
   for flag in "${extra_flags[@]}"; do train+=" $(quote "$flag")"; done
