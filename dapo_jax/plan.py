@@ -44,6 +44,7 @@ HEADROOM = 0.95  # a plan fits when its peak stays under this share of HBM (runt
 # from the TPU compiler's own out-of-memory messages; v4 and v6e: the nominal 32 GiB).
 HBM_GIB = {"TPU v4": 32, "TPU v5": 95.74, "TPU v5p": 95.74, "TPU v5 lite": 15.75, "TPU v6 lite": 32}
 # Accelerator types count TensorCores on v4/v5p (2 per chip, 3-D torus) and chips on v5e/v6e (2-D).
+_KINDS = {"v4": "TPU v4", "v5p": "TPU v5", "v5e": "TPU v5 lite", "v6e": "TPU v6 lite"}  # what JAX reports
 _GENERATIONS = {"v4": ("v4", 2, 3), "v5p": ("v5p", 2, 3), "v5e": ("v5e", 1, 2), "v5litepod": ("v5e", 1, 2),
                 "v6e": ("v6e", 1, 2)}
 
@@ -441,7 +442,7 @@ def search(cfg: ml_collections.ConfigDict, generation: str, *, slices: int = 1, 
     model_cfg, _ = model_config(cfg, model)
     n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(qwen2.abstract_params(model_cfg)))
     state_bytes = n_params * (jnp.dtype(cfg.model.param_dtype).itemsize + 8)  # params + two float32 moments
-    hbm = HBM_GIB["TPU v5" if name == "v5p" else {"v4": "TPU v4", "v5e": "TPU v5 lite", "v6e": "TPU v6 lite"}[name]]
+    hbm = HBM_GIB[_KINDS[name]]
     chips = 4 if dims == 3 else 1
     # Start where the train state takes at most a quarter of each chip: activations and the KV
     # cache of long answers need the rest.
@@ -462,6 +463,15 @@ def search(cfg: ml_collections.ConfigDict, generation: str, *, slices: int = 1, 
     if plan is None:
         raise PlanError(f"no {generation} slice up to 4096 chips can hold this config")
     return plan, changes
+
+
+def _program_lines(name: str, compiled: Compiled, temps_label: str, temps: int, peak_label: str,
+                   peak: int) -> list[str]:
+    """A compiled program's lines of the report: its temporaries and peak, or the compiler's refusal."""
+    if compiled.error:
+        return [f"  {name}: DID NOT COMPILE: {compiled.error.splitlines()[0][:300]}"]
+    return [f"  {name + ': ' + temps_label:<37}{_gib(temps)}",
+            f"  {peak_label:<37}{_gib(peak)}   (compiled in {compiled.seconds:.0f} s)"]
 
 
 def report(plan: Plan, config_name: str) -> str:
@@ -486,19 +496,11 @@ def report(plan: Plan, config_name: str) -> str:
         f"  optimizer state (AdamW moments)      {_gib(plan.opt_state)}",
         f"  train step: batch                    {_gib(plan.batch)}",
     ]
-    if plan.train.error:
-        lines.append(f"  train step: DID NOT COMPILE: {plan.train.error.splitlines()[0][:300]}")
-    else:
-        lines += [f"  train step: activations and temps    {_gib(plan.train.temp)}",
-                  f"  train step peak                      {_gib(plan.train_peak)}   "
-                  f"(compiled in {plan.train.seconds:.0f} s)"]
+    lines += _program_lines("train step", plan.train, "activations and temps", plan.train.temp,
+                            "train step peak", plan.train_peak)
     lines.append(f"  sampler: KV cache                    {_gib(plan.kv_cache)}")
-    if plan.sampler.error:
-        lines.append(f"  sampler: DID NOT COMPILE: {plan.sampler.error.splitlines()[0][:300]}")
-    else:
-        lines += [f"  sampler: other temps                 {_gib(max(plan.sampler.temp - plan.kv_cache, 0))}",
-                  f"  sampler peak (with optimizer state)  {_gib(plan.sampler_peak)}   "
-                  f"(compiled in {plan.sampler.seconds:.0f} s)"]
+    lines += _program_lines("sampler", plan.sampler, "other temps", max(plan.sampler.temp - plan.kv_cache, 0),
+                            "sampler peak (with optimizer state)", plan.sampler_peak)
     if t.hbm_bytes:
         lines.append(f"  HBM                                  {_gib(t.hbm_bytes)}")
     if plan.fits is None:

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -254,15 +255,9 @@ def train_command(config: str, spec: RunSpec, workdir: Path, launcher: str = "")
     workdir_flag = f"--workdir={workdir / spec.name}"
     flags = [f"--config.seed={spec.seed}"] + [f"--config.{k}={v}" for k, v in spec.overrides if k != PRESET]
     if launcher:
-        return " ".join([launcher, _shell_quote(config_flag), _shell_quote(workdir_flag), "run", "--",
-                         *(_shell_quote(f) for f in flags)])
-    return "python -m dapo_jax.train " + " ".join(_shell_quote(f) for f in [config_flag, workdir_flag, *flags])
-
-
-def _shell_quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
+        return " ".join([launcher, shlex.quote(config_flag), shlex.quote(workdir_flag), "run", "--",
+                         *(shlex.quote(f) for f in flags)])
+    return "python -m dapo_jax.train " + " ".join(shlex.quote(f) for f in [config_flag, workdir_flag, *flags])
 
 
 # -- the report -------------------------------------------------------------------------------------
