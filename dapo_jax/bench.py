@@ -25,7 +25,8 @@ from dapo_jax import hf, sampling
 from dapo_jax.models.loading import load_model
 
 
-def _seconds(fn) -> float:
+def _seconds(fn, settle: float = 0.0) -> float:
+    time.sleep(settle)  # let the other library's worker threads go idle first
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -78,8 +79,8 @@ def bench_sampler(args) -> dict:
         peer_run = transformers_generate(config, params, prompts, args)
         peer = []
         for _ in range(args.rounds):
-            peer.append(_seconds(peer_run))
-            ours.append(_seconds(run))
+            peer.append(_seconds(peer_run, args.settle))
+            ours.append(_seconds(run, args.settle))
         ratios = sorted(p / o for p, o in zip(peer, ours[-args.rounds:]))
         result.update(transformers_tokens_per_s=round(tokens / float(np.median(peer)), 1),
                       torch_threads=args.torch_threads, rounds=args.rounds,
@@ -108,6 +109,9 @@ def main(argv=None):
     s.add_argument("--vs-transformers", action="store_true", help="also time transformers' generate (float32)")
     s.add_argument("--torch-threads", type=int, default=2)
     s.add_argument("--rounds", type=int, default=3, help="alternating timed rounds of each, with --vs-transformers")
+    s.add_argument("--settle", type=float, default=1.0,
+                   help="seconds of idle before each timed round, so that neither library's spinning worker "
+                        "threads eat into the other's time")
     args = parser.parse_args(argv)
     if args.vs_transformers and args.dtype != "float32":
         parser.error("--vs-transformers compares float32 on CPU; drop --dtype or the comparison")

@@ -214,7 +214,7 @@ def train_batch_shapes(cfg: ml_collections.ConfigDict, rows: int, mesh) -> dict:
 def kv_cache_bytes(config: qwen2.Qwen2Config, sequences: int, length: int, mesh) -> int:
     """Bytes per device of the sampler's KV cache for `sequences` rows of `length` slots."""
     shape = (config.num_hidden_layers, sequences, config.num_key_value_heads, length, config.kv_head_dim)
-    spec, _ = sharding.logical_to_spec(qwen2.CACHE_AXES, shape, dict(mesh.shape))
+    spec, _ = sharding.logical_to_spec(qwen2.V_CACHE_AXES, shape, dict(mesh.shape))  # keys: the same, transposed
     shard = NamedSharding(mesh, spec).shard_shape(shape)
     return 2 * math.prod(shard) * jnp.dtype(config.dtype).itemsize  # keys and values
 

@@ -1,7 +1,7 @@
 """Group rollouts: prefill each prompt once, copy its KV cache to G rows, decode in one jitted loop.
 
-    prompts (left-padded to P) --prefill--> cache [L, B, K, P, D], logits of each prompt's last token
-      --repeat G times--> cache [L, B*G, K, P + N - 1, D]; sample token 0 of every row
+    prompts (left-padded to P) --prefill--> cache of P slots per row, logits of each prompt's last token
+      --repeat G times--> cache of B*G rows x (P + N - 1) slots; sample token 0 of every row
       --while step < N and some row has not stopped--> feed token step-1, sample token step
 
 Everything after the host-side padding runs inside one `jax.jit`; the loop is a `lax.while_loop`
@@ -172,18 +172,17 @@ def _generate(config: Qwen2Config, sampling: SamplingConfig, params, prompt_BxP,
     last_logits_BxV = qwen2.project_to_vocab(config, qwen2.vocab_head(config, params), hidden_BxPxE[:, -1:])[:, 0]
 
     # Each prompt's cache, copied to its G sample rows and extended with empty slots for the answer.
-    def expand(x_LxBxKxPxD):
-        x = jnp.repeat(x_LxBxKxPxD, G, axis=1)
-        return sharding.constrain(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, M - 1), (0, 0))), qwen2.CACHE_AXES)
+    def expand(cache: KVCache) -> KVCache:
+        return KVCache(k=jnp.repeat(cache.k, G, axis=-4), v=jnp.repeat(cache.v, G, axis=-4)).pad(M - 1).constrain()
 
     if sampling.layer_loop == "unrolled":
         layers = qwen2.unstack_layers(params)  # sliced once here, not at every step
-        cache = [KVCache(k=expand(cache.k[i:i + 1]), v=expand(cache.v[i:i + 1])) for i in range(len(layers))]
+        cache = [expand(KVCache(k=cache.k[i], v=cache.v[i])) for i in range(len(layers))]
 
         def step_logits(tokens, positions, key_mask, cache, slot):
             return qwen2.apply_unrolled(config, params, layers, tokens, positions, key_mask, cache, slot)
     else:
-        cache = KVCache(k=expand(cache.k), v=expand(cache.v))
+        cache = expand(cache)
 
         def step_logits(tokens, positions, key_mask, cache, slot):
             return model.apply({"params": params}, tokens, positions, key_mask, cache, slot)

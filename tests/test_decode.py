@@ -40,5 +40,6 @@ def test_prefill_then_decode_steps_equal_the_full_forward_pass():
 def test_cache_holds_bf16_keys_when_asked():
     config = tiny_config()
     cache = KVCache.zeros(config, batch=2, length=8, dtype=jnp.bfloat16)
-    assert cache.k.shape == (config.num_hidden_layers, 2, config.num_key_value_heads, 8, config.kv_head_dim)
+    assert cache.v.shape == (config.num_hidden_layers, 2, config.num_key_value_heads, 8, config.kv_head_dim)
+    assert cache.k.shape == cache.v.shape[:3] + (config.kv_head_dim, 8)
     assert cache.k.dtype == jnp.bfloat16 and cache.length == 8

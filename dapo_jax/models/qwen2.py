@@ -258,10 +258,15 @@ def preset(name: str, **overrides) -> Qwen2Config:
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated keys and values of every layer: [layers, batch, kv_heads, cache_length, head_dim].
+    """Preallocated keys and values of every layer.
 
-    Length sits next to head_dim because that is the layout both attention matmuls read without a
-    transpose; with [.., length, kv_heads, ..] every decode step would copy the whole cache.
+        k: [layers, batch, kv_heads, head_dim, cache_length]
+        v: [layers, batch, kv_heads, cache_length, head_dim]
+
+    Each is laid out as the matmul that reads it wants its right-hand side: scores = q [G, D] @
+    k [D, S] and out = probs [G, S] @ v [S, D], both without a transpose, and a decode step's
+    reduction runs along rows of contiguous memory. Keys stored [.., S, D] cost XLA:CPU twice the
+    time per decode step (a horizontal reduction over each 32- to 128-wide key).
     """
 
     k: jax.Array
@@ -269,16 +274,30 @@ class KVCache:
 
     @classmethod
     def zeros(cls, config: Qwen2Config, batch: int, length: int, dtype=None) -> KVCache:
-        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.kv_head_dim)
+        v_shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.kv_head_dim)
+        k_shape = v_shape[:3] + (config.kv_head_dim, length)
         dtype = dtype or config.compute_dtype
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        return cls(k=jnp.zeros(k_shape, dtype), v=jnp.zeros(v_shape, dtype))
 
     @property
     def length(self) -> int:
-        return self.k.shape[3]
+        return self.v.shape[-2]
+
+    def constrain(self) -> KVCache:
+        """Sharded by the logical axis rules (all layers, or one layer's cache without the layer axis)."""
+        return KVCache(k=constrain(self.k, K_CACHE_AXES[-self.k.ndim:]), v=constrain(self.v, V_CACHE_AXES[-self.v.ndim:]))
+
+    def pad(self, slots: int) -> KVCache:
+        """The cache with `slots` empty slots appended (one copy, outside any loop)."""
+        def grow(x, axis):
+            widths = [(0, 0)] * x.ndim
+            widths[axis] = (0, slots)
+            return jnp.pad(x, widths)
+        return KVCache(k=grow(self.k, self.k.ndim - 1), v=grow(self.v, self.v.ndim - 2))
 
 
-CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
+K_CACHE_AXES = ("layers", "batch", "kv_heads", "head_dim", "cache_length")
+V_CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
 
 
 def _param(module: nn.Module, name: str, init, shape, axes):
@@ -339,27 +358,30 @@ class Linear(nn.Module):
         return y
 
 
-def attend(q_BxTxKxGxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS):
-    """softmax(q k^T / sqrt(D) + mask) v for grouped queries (G query heads per kv head).
+def attend(q_BxTxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS):
+    """softmax(q k / sqrt(D) + mask) v for grouped queries (G query heads per kv head).
 
-    A single query token (a decode step) reads each key and value once as a fused multiply-reduce,
-    which is what a memory-bound step wants; several tokens (prefill, training) use matmuls.
+    The weights are normalised after the product with v (by their sum, on D values per query
+    rather than S), which saves a decode step a pass over the scores.
     """
     D, dtype = q_BxTxKxGxD.shape[-1], q_BxTxKxGxD.dtype
-    if q_BxTxKxGxD.shape[1] == 1:
-        q_BxKxGxD = q_BxTxKxGxD[:, 0]
-        scores_BxKxGxS = jnp.sum(q_BxKxGxD[:, :, :, None, :].astype(jnp.float32) * k_BxKxSxD[:, :, None], axis=-1)
-        scores_BxKxGxTxS = scores_BxKxGxS[:, :, :, None, :] * D**-0.5
+    decode = q_BxTxKxGxD.shape[1] == 1  # written without the length-1 axis: XLA:CPU fuses it better
+    if decode:
+        scores_BxKxGxTxS = jnp.einsum("bkgd,bkds->bkgs", q_BxTxKxGxD[:, 0], k_BxKxDxS,
+                                      preferred_element_type=jnp.float32)[:, :, :, None]
     else:
-        scores_BxKxGxTxS = jnp.einsum("btkgd,bksd->bkgts", q_BxTxKxGxD, k_BxKxSxD,
-                                      preferred_element_type=jnp.float32) * D**-0.5
+        scores_BxKxGxTxS = jnp.einsum("btkgd,bkds->bkgts", q_BxTxKxGxD, k_BxKxDxS, preferred_element_type=jnp.float32)
     # A finite floor, not -inf: a padding query that sees no key gets a uniform (unused) row, not NaN.
-    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
-    if q_BxTxKxGxD.shape[1] == 1:
-        out_BxKxGxD = jnp.sum(probs_BxKxGxTxS[:, :, :, 0, :, None] * v_BxKxSxD[:, :, None], axis=3)
-        return out_BxKxGxD[:, None]
-    return jnp.einsum("bkgts,bksd->btkgd", probs_BxKxGxTxS, v_BxKxSxD)
+    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS * D**-0.5, jnp.finfo(jnp.float32).min)
+    weights_BxKxGxTxS = jnp.exp(scores_BxKxGxTxS - jnp.max(scores_BxKxGxTxS, axis=-1, keepdims=True))
+    total_BxKxGxT = jnp.sum(weights_BxKxGxTxS, axis=-1)
+    weights_BxKxGxTxS = weights_BxKxGxTxS.astype(dtype)
+    if decode:
+        out_BxKxGxD = jnp.einsum("bkgs,bksd->bkgd", weights_BxKxGxTxS[:, :, :, 0], v_BxKxSxD,
+                                 preferred_element_type=jnp.float32)
+        return (out_BxKxGxD / total_BxKxGxT).astype(dtype)[:, None]
+    out_BxTxKxGxD = jnp.einsum("bkgts,bksd->btkgd", weights_BxKxGxTxS, v_BxKxSxD, preferred_element_type=jnp.float32)
+    return (out_BxTxKxGxD / total_BxKxGxT.transpose(0, 3, 1, 2)[..., None]).astype(dtype)
 
 
 class Attention(nn.Module):
@@ -383,24 +405,34 @@ class Attention(nn.Module):
 
         q_BxTxHxD = rotary_embedding(project("q_proj", H, "heads"), positions_BxT, c.rope_theta, c.rope_factor)
         k_BxTxKxD = rotary_embedding(project("k_proj", K, "kv_heads"), positions_BxT, c.rope_theta, c.rope_factor)
-        k_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3)
+        k_BxKxDxT = k_BxTxKxD.transpose(0, 2, 3, 1)
         v_BxKxTxD = project("v_proj", K, "kv_heads").transpose(0, 2, 1, 3)
 
         if cache is not None:
-            start = (layer, 0, 0, cache_index, 0)
-            cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k_BxKxTxD[None].astype(cache.k.dtype), start),
-                            v=jax.lax.dynamic_update_slice(cache.v, v_BxKxTxD[None].astype(cache.v.dtype), start))
+            stacked = layer is not None  # [layers, B, ...] (scanned layers) or one layer's [B, ...]
+
+            def write(buffer, new, slot_axis):
+                start = [0] * new.ndim
+                start[slot_axis] = cache_index
+                if stacked:
+                    new, start = new[None], [layer] + start
+                return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
+
+            cache = KVCache(k=write(cache.k, k_BxKxDxT, 3), v=write(cache.v, v_BxKxTxD, 2))
+            k_BxKxDxS, v_BxKxSxD = cache.k, cache.v
+            if stacked:
+                k_BxKxDxS = jax.lax.dynamic_index_in_dim(k_BxKxDxS, layer, keepdims=False)
+                v_BxKxSxD = jax.lax.dynamic_index_in_dim(v_BxKxSxD, layer, keepdims=False)
             # Attend over the slots the mask covers; it may be shorter than the cache (the sampler
             # leaves the not-yet-written end out).
             span = mask_BxTxS.shape[-1]
-            k_BxKxSxD = jax.lax.dynamic_index_in_dim(cache.k, layer, keepdims=False)[:, :, :span]
-            v_BxKxSxD = jax.lax.dynamic_index_in_dim(cache.v, layer, keepdims=False)[:, :, :span]
+            k_BxKxDxS, v_BxKxSxD = k_BxKxDxS[..., :span], v_BxKxSxD[:, :, :span]
         else:
-            k_BxKxSxD, v_BxKxSxD = k_BxKxTxD, v_BxKxTxD
+            k_BxKxDxS, v_BxKxSxD = k_BxKxDxT, v_BxKxTxD
 
         B, T = x_BxTxE.shape[:2]
         q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
-        out_BxTxKxGxD = attend(q_BxTxKxGxD, k_BxKxSxD.astype(dtype), v_BxKxSxD.astype(dtype), mask_BxTxS)
+        out_BxTxKxGxD = attend(q_BxTxKxGxD, k_BxKxDxS.astype(dtype), v_BxKxSxD.astype(dtype), mask_BxTxS)
         out_BxTxHxD = constrain(out_BxTxKxGxD.reshape(B, T, H, D), ("batch", "length", "heads", "head_dim"))
         y_BxTxE = Linear(c, "bthd,hde->bte", (H, D, E), ("heads", "head_dim", "embed"), name="o_proj")(out_BxTxHxD)
         return constrain(y_BxTxE, ("batch", "length", "act_embed")), cache
@@ -490,7 +522,7 @@ class Qwen2ForCausalLM(nn.Module):
         x_BxTxE = self.embed(tokens_BxT)
         mask_BxTxS = causal_mask(attention_mask_BxS, tokens_BxT.shape[1], cache_index)
         if cache is not None:
-            cache = KVCache(k=constrain(cache.k, CACHE_AXES), v=constrain(cache.v, CACHE_AXES))
+            cache = cache.constrain()
         (x_BxTxE, cache), _ = self.layers((x_BxTxE, cache), jnp.arange(self.config.num_hidden_layers),
                                           positions_BxT, mask_BxTxS, cache_index)
         return self.head(x_BxTxE, return_hidden), cache
@@ -507,8 +539,8 @@ def apply_unrolled(config: Qwen2Config, params, layers: list, tokens_BxT, positi
                    caches: list[KVCache], cache_index):
     """Qwen2ForCausalLM's cached call with the layer loop written out: logits and the new caches.
 
-    `layers` holds one parameter tree per layer (`unstack_layers`) and `caches` one KVCache of shape
-    [1, B, K, S, D] per layer, so a step reads every weight and cache buffer in place. XLA:CPU
+    `layers` holds one parameter tree per layer (`unstack_layers`) and `caches` one layer's KVCache
+    (no layer axis) per layer, so a step reads every weight and cache buffer in place. XLA:CPU
     copies a layer's slice out of stacked weights and caches at every scanned step, which costs
     more than the step's arithmetic for small batches; accelerators fuse that slice into the
     matmul, so there the scanned `Qwen2ForCausalLM` is the one to use.
@@ -518,7 +550,7 @@ def apply_unrolled(config: Qwen2Config, params, layers: list, tokens_BxT, positi
     mask_BxTxS = causal_mask(attention_mask_BxS, tokens_BxT.shape[1], cache_index)
     new_caches = []
     for layer_params, cache in zip(layers, caches, strict=True):
-        (x_BxTxE, cache), _ = DecoderLayer(config).apply({"params": layer_params}, (x_BxTxE, cache), 0,
+        (x_BxTxE, cache), _ = DecoderLayer(config).apply({"params": layer_params}, (x_BxTxE, cache), None,
                                                          positions_BxT, mask_BxTxS, cache_index)
         new_caches.append(cache)
     return model.apply({"params": params}, x_BxTxE, method=Qwen2ForCausalLM.head), new_caches
