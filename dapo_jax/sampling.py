@@ -6,9 +6,8 @@
 
 Everything after the host-side padding runs inside one `jax.jit`; the loop is a `lax.while_loop`
 that exits as soon as every row has emitted an end-of-sequence id, so a batch of short answers does
-not pay for the longest possible one. On accelerators it runs in segments whose attention span
-doubles (128, 256, ... new tokens), so early steps do not read the empty end of the preallocated
-cache.
+not pay for the longest possible one. It runs in segments whose attention span doubles (128, 256,
+... new tokens), so early steps do not read the empty end of the cache.
 
 Sampling is a chain of small pieces over the logits of each row: temperature, top-k, top-p, then one
 categorical draw. The log-probability returned for each token is under that final (scaled,
@@ -163,7 +162,7 @@ def _generate(config: Qwen2Config, sampling: SamplingConfig, params, prompt_BxP,
     model = Qwen2ForCausalLM(config)
     B, P = prompt_BxP.shape
     G, M = sampling.num_samples, sampling.max_new_tokens
-    N, S = B * G, P + M - 1  # the last sampled token is never fed back, so it needs no slot
+    N = B * G
     eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
 
     positions_BxP = qwen2.positions_from_mask(prompt_mask_BxP)
@@ -171,11 +170,20 @@ def _generate(config: Qwen2Config, sampling: SamplingConfig, params, prompt_BxP,
                                       KVCache.zeros(config, B, P), 0, return_hidden=True)
     last_logits_BxV = qwen2.project_to_vocab(config, qwen2.vocab_head(config, params), hidden_BxPxE[:, -1:])[:, 0]
 
+    # The loop runs in segments whose attention span doubles (segment_ends), so a step reads at most
+    # about twice the cache it has filled, not the whole preallocated length. Scanned layers
+    # (accelerators) read a full-length cache through a slice that fuses into attention there;
+    # unrolled layers (XLA:CPU, where that slice would be a copy at every step) get a cache that
+    # holds exactly the span and grows between segments, one copy per segment.
+    unrolled = sampling.layer_loop == "unrolled"
+    ends = segment_ends(M)
+    slots = (ends[0] if unrolled else M) - 1  # the last sampled token is never fed back: it needs no slot
+
     # Each prompt's cache, copied to its G sample rows and extended with empty slots for the answer.
     def expand(cache: KVCache) -> KVCache:
-        return KVCache(k=jnp.repeat(cache.k, G, axis=-4), v=jnp.repeat(cache.v, G, axis=-4)).pad(M - 1).constrain()
+        return KVCache(k=jnp.repeat(cache.k, G, axis=-4), v=jnp.repeat(cache.v, G, axis=-4)).pad(slots).constrain()
 
-    if sampling.layer_loop == "unrolled":
+    if unrolled:
         layers = qwen2.unstack_layers(params)  # sliced once here, not at every step
         cache = [expand(KVCache(k=cache.k[i], v=cache.v[i])) for i in range(len(layers))]
 
@@ -226,11 +234,9 @@ def _generate(config: Qwen2Config, sampling: SamplingConfig, params, prompt_BxP,
             cache=cache,
         )
 
-    # On accelerators the loop runs in segments whose attention span doubles, so a step reads at
-    # most about twice the cache it has filled, not the whole preallocated length (the span's slice
-    # fuses into the attention reduction there). XLA:CPU would copy that slice at every step, which
-    # costs more than it saves, so the unrolled CPU loop attends over the whole cache.
-    for end in segment_ends(M) if sampling.layer_loop == "scan" else [M]:
+    for previous, end in zip([ends[0]] + ends, ends):
+        if unrolled and end > previous:
+            state = state.replace(cache=[c.pad(end - previous).constrain() for c in state.cache])
         state = jax.lax.while_loop(lambda s, end=end: (s.step < end) & ~jnp.all(s.done_N),
                                    functools.partial(decode_one, span=P + end - 1), state)
     return state.tokens_NxM, state.logprobs_NxM, state.lengths_N, ~state.done_N, state.step - 1

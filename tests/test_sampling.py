@@ -193,7 +193,8 @@ def test_bad_requests_say_what_to_change(model, kwargs, message):
 
 def test_scan_and_unrolled_layer_loops_give_the_same_tokens(model):
     config, params = model
-    # 150 new tokens: the scan loop crosses its first attention-span segment (128) on the way.
+    # 150 new tokens cross the first attention-span segment (128): the scan loop widens its slice of
+    # a full-length cache there, the unrolled loop grows its cache by 22 slots.
     assert sampling.segment_ends(150) == [128, 150]
     kwargs = dict(max_new_tokens=150, temperature=1.0, top_p=0.9, num_samples=2, seed=4)
     scan = dapo_jax.generate(config, params, PROMPTS, layer_loop="scan", **kwargs)
