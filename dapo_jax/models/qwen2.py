@@ -263,10 +263,10 @@ class KVCache:
         k: [layers, batch, kv_heads, head_dim, cache_length]
         v: [layers, batch, kv_heads, cache_length, head_dim]
 
-    Each is laid out as the matmul that reads it wants its right-hand side: scores = q [G, D] @
-    k [D, S] and out = probs [G, S] @ v [S, D], both without a transpose, and a decode step's
-    reduction runs along rows of contiguous memory. Keys stored [.., S, D] cost XLA:CPU twice the
-    time per decode step (a horizontal reduction over each 32- to 128-wide key).
+    Both attention products then read the cache as a plain right-hand matrix, scores = q [G, D] @
+    k [D, S] and out = weights [G, S] @ v [S, D], which XLA:CPU hands to YNNPACK. (Keys stored
+    [.., S, D] and read as the left operand ran as fast there; what cost a decode step ~1.7x was
+    the multiply-reduce this replaced, and a layer axis on the unrolled loop's per-layer caches.)
     """
 
     k: jax.Array
@@ -285,7 +285,8 @@ class KVCache:
 
     def constrain(self) -> KVCache:
         """Sharded by the logical axis rules (all layers, or one layer's cache without the layer axis)."""
-        return KVCache(k=constrain(self.k, K_CACHE_AXES[-self.k.ndim:]), v=constrain(self.v, V_CACHE_AXES[-self.v.ndim:]))
+        return KVCache(k=constrain(self.k, K_CACHE_AXES[-self.k.ndim:]),
+                       v=constrain(self.v, V_CACHE_AXES[-self.v.ndim:]))
 
     def pad(self, slots: int) -> KVCache:
         """The cache with `slots` empty slots appended (one copy, outside any loop)."""
@@ -365,7 +366,7 @@ def attend(q_BxTxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS):
     rather than S), which saves a decode step a pass over the scores.
     """
     D, dtype = q_BxTxKxGxD.shape[-1], q_BxTxKxGxD.dtype
-    decode = q_BxTxKxGxD.shape[1] == 1  # written without the length-1 axis: XLA:CPU fuses it better
+    decode = q_BxTxKxGxD.shape[1] == 1  # batched [G, D] products without the length-1 axis: the form measured
     if decode:
         scores_BxKxGxTxS = jnp.einsum("bkgd,bkds->bkgs", q_BxTxKxGxD[:, 0], k_BxKxDxS,
                                       preferred_element_type=jnp.float32)[:, :, :, None]
