@@ -185,10 +185,11 @@ def _generate(config: Qwen2Config, sampling: SamplingConfig, params, prompt_BxP,
 
     if unrolled:
         layers = qwen2.unstack_layers(params)  # sliced once here, not at every step
+        head_ExV = qwen2.vocab_head(config, params).T  # likewise transposed once
         cache = [expand(KVCache(k=cache.k[i], v=cache.v[i])) for i in range(len(layers))]
 
         def step_logits(tokens, positions, key_mask, cache, slot):
-            return qwen2.apply_unrolled(config, params, layers, tokens, positions, key_mask, cache, slot)
+            return qwen2.apply_unrolled(config, params, layers, head_ExV, tokens, positions, key_mask, cache, slot)
     else:
         cache = expand(cache)
 

@@ -1,5 +1,8 @@
 """The jitted KV-cache sampler: exact greedy decoding, correct sampling statistics, early exit."""
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,6 +204,38 @@ def test_scan_and_unrolled_layer_loops_give_the_same_tokens(model):
     unrolled = dapo_jax.generate(config, params, PROMPTS, layer_loop="unrolled", **kwargs)
     assert scan.tokens == unrolled.tokens
     np.testing.assert_allclose(np.array(scan.logprobs), np.array(unrolled.logprobs), atol=1e-5)
+
+
+def decode_loop_copies(hlo: str, min_elements: int) -> list[str]:
+    """Copies and transposes of at least `min_elements` inside the decode loops of an optimized
+    HLO module (the `while` ops at the top of `_generate`, and every computation they call)."""
+    computations = dict(re.findall(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, flags=re.S | re.M))
+    pending = re.findall(r'while\([^\n]*body=%?([\w.\-]+)[^\n]*op_name="jit\(_generate\)/while"', hlo)
+    assert pending, "no decode loop found in the HLO"
+    seen, found = set(), []
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for line in computations[name].splitlines():
+            pending += re.findall(r"(?:calls|body|condition|to_apply)=%?([\w.\-]+)", line)
+            shape = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]\S* (copy|transpose)\(", line)
+            if shape and math.prod(int(d) for d in shape.group(1).split(",") if d) >= min_elements:
+                found.append(line.strip()[:160])
+    return found
+
+
+def test_a_decode_step_copies_no_weight_or_cache(model):
+    # Per-step copies of weights or caches cost a small model's decode step more than its
+    # arithmetic (the o_proj weight was transposed at every step before its input was flattened).
+    config, params = model
+    E = config.hidden_size
+    for layer_loop in ("unrolled", "scan"):
+        s = sampling.SamplingConfig(max_new_tokens=16, layer_loop=layer_loop)
+        tokens, mask, active = sampling.pad_prompts(PROMPTS, config.vocab_size, s.prompt_bucket)
+        hlo = sampling._generate.lower(config, s, params, tokens, mask, active, jax.random.key(0)).compile().as_text()
+        assert decode_loop_copies(hlo, min_elements=E * E // 2) == [], layer_loop
 
 
 def test_two_stage_categorical_draw_is_exact():

@@ -340,18 +340,26 @@ def rotary_embedding(x_BxTxNxD, positions_BxT, theta: float, factor: float = 1.0
 
 
 class Linear(nn.Module):
-    """y = einsum(equation, x, W) + b, with W of `shape` and an optional bias over W's output axes."""
+    """y = einsum(equation, x, W) + b, with W of `shape` and an optional bias over W's output axes.
+
+    With `flat_input`, the equation sees W as [prod(shape[:-1]), shape[-1]] (a free reshape of the
+    stored weight). Given two contracted axes, XLA may contract them in the other order and
+    transpose the whole weight at every call; one flat axis leaves it no choice.
+    """
 
     config: Qwen2Config
     equation: str
     shape: tuple[int, ...]
     axes: tuple[str, ...]
     bias_axes: tuple[str, ...] = ()
+    flat_input: bool = False
 
     @nn.compact
     def __call__(self, x):
         dtype = self.config.compute_dtype
         w = _param(self, "kernel", _normal(self.config), self.shape, self.axes)
+        if self.flat_input:
+            w = w.reshape(-1, self.shape[-1])
         y = jnp.einsum(self.equation, x, w.astype(dtype))
         if self.bias_axes:
             b = _param(self, "bias", nn.initializers.zeros, self.shape[-len(self.bias_axes):], self.bias_axes)
@@ -435,7 +443,8 @@ class Attention(nn.Module):
         q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
         out_BxTxKxGxD = attend(q_BxTxKxGxD, k_BxKxDxS.astype(dtype), v_BxKxSxD.astype(dtype), mask_BxTxS)
         out_BxTxHxD = constrain(out_BxTxKxGxD.reshape(B, T, H, D), ("batch", "length", "heads", "head_dim"))
-        y_BxTxE = Linear(c, "bthd,hde->bte", (H, D, E), ("heads", "head_dim", "embed"), name="o_proj")(out_BxTxHxD)
+        y_BxTxE = Linear(c, "btf,fe->bte", (H, D, E), ("heads", "head_dim", "embed"), flat_input=True,
+                         name="o_proj")(out_BxTxHxD.reshape(B, T, H * D))
         return constrain(y_BxTxE, ("batch", "length", "act_embed")), cache
 
 
@@ -536,8 +545,8 @@ def unstack_layers(params) -> list:
     return [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(n)]
 
 
-def apply_unrolled(config: Qwen2Config, params, layers: list, tokens_BxT, positions_BxT, attention_mask_BxS,
-                   caches: list[KVCache], cache_index):
+def apply_unrolled(config: Qwen2Config, params, layers: list, head_ExV, tokens_BxT, positions_BxT,
+                   attention_mask_BxS, caches: list[KVCache], cache_index):
     """Qwen2ForCausalLM's cached call with the layer loop written out: logits and the new caches.
 
     `layers` holds one parameter tree per layer (`unstack_layers`) and `caches` one layer's KVCache
@@ -545,6 +554,10 @@ def apply_unrolled(config: Qwen2Config, params, layers: list, tokens_BxT, positi
     copies a layer's slice out of stacked weights and caches at every scanned step, which costs
     more than the step's arithmetic for small batches; accelerators fuse that slice into the
     matmul, so there the scanned `Qwen2ForCausalLM` is the one to use.
+
+    `head_ExV` is the vocab head laid out [embed, vocab] (`vocab_head(...).T`, transposed once by
+    the caller). XLA:CPU's matmul re-lays a transposed right operand out at every call: with the
+    stored [vocab, embed] table the tiny model's logits product took twice as long per step.
     """
     model = Qwen2ForCausalLM(config)
     x_BxTxE = model.apply({"params": params}, tokens_BxT, method=Qwen2ForCausalLM.embed)
@@ -554,13 +567,15 @@ def apply_unrolled(config: Qwen2Config, params, layers: list, tokens_BxT, positi
         (x_BxTxE, cache), _ = DecoderLayer(config).apply({"params": layer_params}, (x_BxTxE, cache), None,
                                                          positions_BxT, mask_BxTxS, cache_index)
         new_caches.append(cache)
-    return model.apply({"params": params}, x_BxTxE, method=Qwen2ForCausalLM.head), new_caches
+    hidden_BxTxE = model.apply({"params": params}, x_BxTxE, True, method=Qwen2ForCausalLM.head)
+    return project_to_vocab(config, head_ExV, hidden_BxTxE, vocab_axis=1), new_caches
 
 
-def project_to_vocab(config: Qwen2Config, head_VxE, hidden_BxTxE):
-    """Float32 logits from final hidden states: hidden @ head^T."""
-    logits = jnp.einsum("bte,ve->btv", hidden_BxTxE, head_VxE.astype(config.compute_dtype),
-                        preferred_element_type=jnp.float32)
+def project_to_vocab(config: Qwen2Config, head, hidden_BxTxE, vocab_axis: int = 0):
+    """Float32 logits from final hidden states: hidden @ head^T for the stored [vocab, embed] head,
+    or hidden @ head for one laid out [embed, vocab] (vocab_axis=1)."""
+    equation = "bte,ve->btv" if vocab_axis == 0 else "bte,ev->btv"
+    logits = jnp.einsum(equation, hidden_BxTxE, head.astype(config.compute_dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab"))
 
 
