@@ -567,7 +567,7 @@ def apply_unrolled(config: Qwen2Config, params, layers: list, head_ExV, tokens_B
         (x_BxTxE, cache), _ = DecoderLayer(config).apply({"params": layer_params}, (x_BxTxE, cache), None,
                                                          positions_BxT, mask_BxTxS, cache_index)
         new_caches.append(cache)
-    hidden_BxTxE = model.apply({"params": params}, x_BxTxE, True, method=Qwen2ForCausalLM.head)
+    hidden_BxTxE = model.apply({"params": params}, x_BxTxE, return_hidden=True, method=Qwen2ForCausalLM.head)
     return project_to_vocab(config, head_ExV, hidden_BxTxE, vocab_axis=1), new_caches
 
 
