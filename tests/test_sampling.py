@@ -226,9 +226,10 @@ def decode_loop_copies(hlo: str, min_elements: int) -> list[str]:
     return found
 
 
-def test_a_decode_step_copies_no_weight_or_cache(model):
-    # Per-step copies of weights or caches cost a small model's decode step more than its
-    # arithmetic (the o_proj weight was transposed at every step before its input was flattened).
+def test_no_decode_loop_copies_or_transposes_a_weight_sized_buffer(model):
+    # A per-step copy or transpose of a weight or cache costs a small model's decode step more than
+    # its arithmetic (the o_proj weight was transposed at every step before its input was flattened).
+    # Slices of stacked layers (the scan loop) are dynamic-slice ops, not counted here.
     config, params = model
     E = config.hidden_size
     for layer_loop in ("unrolled", "scan"):
