@@ -345,7 +345,7 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: str, *, slices: int = 1,
         with jax.set_mesh(mesh):
             lower = lambda: sampling._generate.lower(model_cfg, call.spec, params, *prompt_args)  # noqa: E731
             sampler_compiled = _compile(lower, bytes_on_device(params) + bytes_on_device(prompt_args[:3]))
-    length = call.prompt_length + cfg.rollout.max_response_length - 1  # the last token needs no slot
+    length = sampling.span_slots(model_cfg, call.prompt_length, cfg.rollout.max_response_length)
     sequences = call.rows * call.samples
     cache = kv_cache_bytes(model_cfg, sequences, length, mesh)
     return Plan(cfg, tgt, dict(mesh.shape), model_cfg, source, bytes_on_device(params),
