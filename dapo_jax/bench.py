@@ -58,10 +58,11 @@ def bench_sampler(args) -> dict:
     config, params = load_model(args.checkpoint, dtype=args.dtype, seed=args.seed)
     rng = np.random.RandomState(args.seed)
     prompts = rng.randint(0, config.vocab_size, (args.batch, args.prompt_len)).tolist()
+    threads = args.host_threads or sampling.auto_host_threads(config, args.batch, 1)
 
     def run():
         out = sampling.generate(config, params, prompts, max_new_tokens=args.new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, host_threads=threads)
         assert sum(out.lengths) == args.batch * args.new_tokens
 
     first = _seconds(run)
@@ -72,7 +73,7 @@ def bench_sampler(args) -> dict:
         "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "dtype": args.dtype,
         "compile_s": round(first - float(np.median(ours)), 2),  # first call minus a steady call
-        "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+        "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "host_threads": threads,
     }
     if args.vs_transformers:
         # Alternate the two in rounds, so that a slow moment of a shared machine hits both.
@@ -105,6 +106,8 @@ def main(argv=None):
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--host-threads", type=int, default=None,
+                   help="decode calls side by side on the host's cores (default: sampling.auto_host_threads)")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--vs-transformers", action="store_true", help="also time transformers' generate (float32)")
     s.add_argument("--torch-threads", type=int, default=2)

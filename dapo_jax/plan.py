@@ -338,7 +338,8 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: str, *, slices: int = 1,
     prompt_args = (jax.ShapeDtypeStruct(prompts_shape, jnp.int32, sharding=replicated),
                    jax.ShapeDtypeStruct(prompts_shape, jnp.int32, sharding=replicated),
                    jax.ShapeDtypeStruct((call.rows,), jnp.bool_, sharding=replicated),
-                   jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=replicated))
+                   jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=replicated),
+                   jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
     if previous is not None and _key(previous.cfg, _TRAIN_ONLY) == _key(cfg, _TRAIN_ONLY):
         sampler_compiled = previous.sampler
     else:

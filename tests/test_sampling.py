@@ -176,9 +176,35 @@ def test_greedy_on_the_8_device_mesh_equals_one_device(model):
     got = dapo_jax.generate(config, sharded, prompts, max_new_tokens=16, temperature=0.0, num_samples=2)
     assert got.tokens == want.tokens and got.lengths == want.lengths
     np.testing.assert_allclose(np.array(got.logprobs), np.array(want.logprobs), atol=1e-5)
+    with pytest.raises(ValueError, match="more than 1 only for params on one device"):
+        dapo_jax.generate(config, sharded, prompts, max_new_tokens=4, host_threads=2)
+
+
+def test_prompts_split_over_host_threads_sample_the_same_tokens(model):
+    config, params = model
+    # 3 prompts over 2 threads: chunks of 2 prompts, the second with a filler prompt.
+    kwargs = dict(max_new_tokens=20, temperature=1.0, top_p=0.9, num_samples=2, seed=7, eos_ids=[3])
+    one = dapo_jax.generate(config, params, PROMPTS[:3], host_threads=1, **kwargs)
+    split = dapo_jax.generate(config, params, PROMPTS[:3], host_threads=2, **kwargs)
+    assert split.tokens == one.tokens and split.lengths == one.lengths and split.truncated == one.truncated
+    np.testing.assert_allclose(np.concatenate(split.logprobs), np.concatenate(one.logprobs), atol=1e-5)
+    assert split.decode_steps == one.decode_steps
+    assert len({tuple(t) for t in one.tokens}) > 1
+
+
+def test_auto_host_threads_uses_the_cores_only_for_small_decode_steps(model, monkeypatch):
+    config, _ = model
+    monkeypatch.setattr(sampling.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert sampling.auto_host_threads(config, prompts=8, num_samples=1) == 4
+    assert sampling.auto_host_threads(config, prompts=3, num_samples=1) == 3  # at most one per prompt
+    assert sampling.auto_host_threads(config, prompts=1, num_samples=16) == 1
+    # The 40.9M benchmark shape at batch 64: XLA:CPU already spreads its matmuls over the cores.
+    wide = config.replace(hidden_size=512, intermediate_size=1536, vocab_size=32768)
+    assert sampling.auto_host_threads(wide, prompts=64, num_samples=1) == 1
 
 
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(host_threads=0), "host_threads=0: use 1 or more"),
     (dict(prompts=[[]]), "prompt 0 is empty"),
     (dict(prompts=[[1], [999]]), "prompt 1 has token id 999 outside the vocabulary"),
     (dict(prompts=[]), "at least one prompt"),
@@ -235,7 +261,8 @@ def test_no_decode_loop_copies_or_transposes_a_weight_sized_buffer(model):
     for layer_loop in ("unrolled", "scan"):
         s = sampling.SamplingConfig(max_new_tokens=16, layer_loop=layer_loop)
         tokens, mask, active = sampling.pad_prompts(PROMPTS, config.vocab_size, s.prompt_bucket)
-        hlo = sampling._generate.lower(config, s, params, tokens, mask, active, jax.random.key(0)).compile().as_text()
+        hlo = sampling._generate.lower(config, s, params, tokens, mask, active, jax.random.key(0),
+                                         np.int32(0)).compile().as_text()
         assert decode_loop_copies(hlo, min_elements=E * E // 2) == [], layer_loop
 
 
@@ -253,3 +280,17 @@ def test_two_stage_categorical_draw_is_exact():
     assert chi_square_pvalue(counts, want, n) > 1e-3
     flatter = want**0.9 / (want**0.9).sum()  # power check: a slightly different distribution is rejected
     assert chi_square_pvalue(counts, flatter, n) < 1e-6
+
+
+def test_bench_prints_one_json_line_with_the_figures(capsys):
+    import json
+
+    from dapo_jax import bench
+
+    bench.main(["sampler", "--checkpoint", "random:tiny", "--batch", "3", "--prompt-len", "5", "--new-tokens", "6",
+                "--repeats", "1", "--host-threads", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["batch"] == 3 and result["new_tokens"] == 6 and result["host_threads"] == 2
+    assert result["tokens_per_s"] > 0 and result["device"] and "compile_s" in result
