@@ -7,9 +7,12 @@
 Everything after the host-side padding runs inside one `jax.jit`; the loop is a `lax.while_loop`
 that exits as soon as every row has emitted an end-of-sequence id, so a batch of short answers does
 not pay for the longest possible one. It runs in segments whose attention span doubles (128, 256,
-... new tokens), so early steps do not read the empty end of the cache. Spans are whole 64-byte rows
-of cache slots (`span_slots`): a 287-slot key row costs XLA:CPU's matmuls ~10% more per step than a
-288-slot one.
+... new tokens), so early steps do not read the empty end of the cache. Spans are rounded up to
+whole 64-byte rows of slots (`span_slots`): on XLA:CPU a decode step that read 287-slot rows took
+~10% longer than one reading 288.
+
+On a CPU host, `generate` may split the prompts over several such calls running side by side, one
+per core (`host_threads`): XLA:CPU runs a small model's decode step on a single core.
 
 Sampling is a chain of small pieces over the logits of each row: temperature, top-k, top-p, then one
 categorical draw. The log-probability returned for each token is under that final (scaled,
@@ -81,7 +84,7 @@ class GenerateOutput:
     logprobs: list[list[float]]  # log-probability of each generated id under the sampling distribution
     lengths: list[int]
     truncated: list[bool]  # stopped by max_new_tokens rather than by an end-of-sequence id
-    decode_steps: int  # iterations the decode loop ran (early exit makes this < max_new_tokens - 1)
+    decode_steps: int  # decode loop iterations, the most of any host thread (early exit: < max_new_tokens - 1)
 
 
 # -- sampling pieces ------------------------------------------------------------------------------
@@ -263,19 +266,20 @@ def segment_ends(max_new_tokens: int, first: int = 128) -> list[int]:
 
 
 def span_slots(config: Qwen2Config, prompt_len: int, new_tokens: int) -> int:
-    """Cache slots for `new_tokens` sampled after a `prompt_len` prompt, rounded up to 64 bytes.
+    """Cache slots for `new_tokens` sampled after a `prompt_len` prompt, rounded up so that a row of
+    slots fills whole 64-byte cache lines (keys are stored [.., head_dim, slots]).
 
-    The last sampled token is never fed back, so it needs no slot. The rounding keeps each row of
-    keys (stored [.., head_dim, slots]) whole cache lines long.
+    The last sampled token is never fed back, so it needs no slot.
     """
     per_row = max(1, 64 // jnp.dtype(config.compute_dtype).itemsize)
     return -(-(prompt_len + new_tokens - 1) // per_row) * per_row
 
 
-# Largest matmul of one decode step (2 x rows x its weight's size) below which XLA:CPU runs the step
-# on one core. Measured on 2 cores: two half-batch calls side by side gave 1.5-1.85x the tokens/s of
-# one call for the tiny model (batch 8 to 64, largest matmul 0.5-4 MFLOP per call) and 1.2x at 8 MFLOP;
-# the 40.9M model at batch 64 (1 GFLOP, already spread over both cores by XLA) lost 26%.
+# Flops of the largest matmul in one call's decode step (2 x rows x weight size) under which splitting
+# the prompts over the host's cores paid. Measured on 2 cores, two half-batch calls side by side
+# against one call: the tiny model at batch 8 to 64 (0.5-4 MFLOP per call) 1.5-1.85x the tokens/s,
+# hidden 256 / vocab 4096 at batch 8 (8 MFLOP) 1.2x, the 40.9M model at batch 64 (1 GFLOP, whose
+# matmuls XLA:CPU already spreads over both cores) 0.74x.
 SMALL_STEP_FLOPS = 2**25
 
 
@@ -340,8 +344,9 @@ def generate(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, m
 
     On a single device, `host_threads` > 1 splits the prompts into that many equal chunks and runs
     their decode loops side by side, each from its own thread: XLA:CPU runs a small model's decode
-    step on one core, so this is how a CPU host puts its other cores to work. The tokens are the
-    same as from one call. None picks `auto_host_threads`.
+    step on one core, so this is how a CPU host puts its other cores to work. Each row draws the same
+    random numbers as in one call, so the tokens are the same (up to float rounding of the logits,
+    which a batch of another size may round differently). None picks `auto_host_threads`.
     """
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                               top_k=int(top_k), eos_ids=tuple(int(e) for e in eos_ids), num_samples=num_samples,
@@ -349,9 +354,11 @@ def generate(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, m
     if layer_loop == "auto":
         sampling = dataclasses.replace(sampling, layer_loop="unrolled" if jax.default_backend() == "cpu" else "scan")
     mesh = mesh or sharding.mesh_of(params)
-    if host_threads is not None and (host_threads < 1 or (host_threads > 1 and mesh is not None)):
-        raise ValueError(f"host_threads={host_threads}: use 1 or more, and more than 1 only for params on one device "
-                         f"(these are on a mesh of {dict(mesh.shape) if mesh is not None else None}); or leave it None")
+    if host_threads is not None and host_threads < 1:
+        raise ValueError(f"host_threads={host_threads}: use 1 or more (or None to choose by the model's size)")
+    if host_threads is not None and host_threads > 1 and mesh is not None:
+        raise ValueError(f"host_threads={host_threads}: more than 1 only for params on one device; this call runs "
+                         f"on a mesh of {dict(mesh.shape)}, which splits the batch itself")
     threads = 1 if mesh is not None else host_threads or auto_host_threads(config, len(prompts), num_samples)
     tokens, mask, active = pad_prompts(prompts, config.vocab_size, prompt_bucket, _batch_multiple(mesh) * threads)
     total = tokens.shape[1] + max_new_tokens
@@ -375,8 +382,8 @@ def generate(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, m
     else:
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             outs = list(pool.map(run, range(threads)))
-    tokens_NxM, logprobs_NxM, lengths_N, truncated_N = (np.concatenate(parts) for parts in list(zip(*outs))[:4])
-    steps = max(out[4] for out in outs)
+    tokens_NxM, logprobs_NxM, lengths_N, truncated_N = (np.concatenate([out[i] for out in outs]) for i in range(4))
+    steps = max(int(out[4]) for out in outs)
     n = len(prompts) * num_samples
     lengths = [int(x) for x in lengths_N[:n]]
     return GenerateOutput(

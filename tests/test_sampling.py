@@ -176,7 +176,7 @@ def test_greedy_on_the_8_device_mesh_equals_one_device(model):
     got = dapo_jax.generate(config, sharded, prompts, max_new_tokens=16, temperature=0.0, num_samples=2)
     assert got.tokens == want.tokens and got.lengths == want.lengths
     np.testing.assert_allclose(np.array(got.logprobs), np.array(want.logprobs), atol=1e-5)
-    with pytest.raises(ValueError, match="more than 1 only for params on one device"):
+    with pytest.raises(ValueError, match="more than 1 only for params on one device; this call runs on a mesh"):
         dapo_jax.generate(config, sharded, prompts, max_new_tokens=4, host_threads=2)
 
 
