@@ -61,10 +61,14 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
 
     two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
     assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 1, 2, 3, 3]
+    # approx_kl is a mean of differences of O(1) log-probs, so its float32 rounding is absolute: ~1e-7
+    # per token whatever its value (seen: 1.5e-7 apart at approx_kl = -5e-4, with identical rollouts).
+    atol = {"actor/approx_kl": 1e-6}
     for a, b in zip(two, one):
         for key in LOSSES + ("eval/all/avg@2",):
             if key in b:
-                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=f"step {b['step']} {key}")
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=atol.get(key, 1e-7),
+                                           err_msg=f"step {b['step']} {key}")
     # The gradients are summed across processes by gloo instead of in one process, so float32 sums can
     # differ in their last bits; Adam divides each update by its gradient's own scale, so for a
     # near-zero gradient that can shift a parameter by a small part of one step (lr 2e-4). Bound:
