@@ -1,5 +1,6 @@
 """The jitted KV-cache sampler: exact greedy decoding, correct sampling statistics, early exit."""
 
+import json
 import math
 import re
 
@@ -11,7 +12,7 @@ import scipy.stats
 from conftest import make_hf_model, tiny_config
 
 import dapo_jax
-from dapo_jax import sampling, sharding
+from dapo_jax import bench, sampling, sharding
 from dapo_jax.models import qwen2
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20], [30]]
@@ -283,10 +284,6 @@ def test_two_stage_categorical_draw_is_exact():
 
 
 def test_bench_prints_one_json_line_with_the_figures(capsys):
-    import json
-
-    from dapo_jax import bench
-
     bench.main(["sampler", "--checkpoint", "random:tiny", "--batch", "3", "--prompt-len", "5", "--new-tokens", "6",
                 "--repeats", "1", "--host-threads", "2"])
     lines = capsys.readouterr().out.strip().splitlines()
