@@ -29,6 +29,12 @@ def get_config():
     c.rollout.samples_per_prompt = 16
     c.rollout.gen_prompts_per_batch = 1536  # 3x, as the public script
     c.rollout.max_gen_batches = 10
+    # The public script drops the surplus of informative groups; we carry it into the next step only
+    # (groups older than 1 step are dropped, counted in dynamic_sampling/stale_dropped). At this 3x
+    # ratio, once more than a third of the groups are informative the carry can fill a whole step:
+    # that step generates nothing and trains on the previous policy's answers (stale_frac = 1, with
+    # their own old log-probs, so the ratio stays exact). max_carry_age=0 is the public script's choice.
+    c.rollout.max_carry_age = 1
     c.rollout.max_response_length = 20480  # 16384 expected + 4096 overlong buffer
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0

@@ -58,7 +58,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.rollout.max_gen_batches = 6
     c.rollout.on_gen_batch_limit = "error"  # or "train_partial"
     c.rollout.dynamic_sampling = True
-    c.rollout.carry_over = True  # keep surplus informative groups for the next step
+    c.rollout.carry_over = True  # keep surplus informative groups for later steps
+    c.rollout.max_carry_age = 1  # rollout steps a carried group may wait; older ones are dropped (0 = none kept)
     c.rollout.max_response_length = 48  # tokens, the overlong buffer included
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
@@ -187,6 +188,9 @@ def problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
     if not r.dynamic_sampling and r.gen_prompts_per_batch != r.prompts_per_step:
         out.append(f"without dynamic sampling one generation batch is the train batch: set rollout."
                    f"gen_prompts_per_batch={r.prompts_per_step} (= prompts_per_step), not {r.gen_prompts_per_batch}")
+    if r.max_carry_age < 0:
+        out.append(f"rollout.max_carry_age={r.max_carry_age} must be >= 0 (0 trains every step on its own "
+                   f"generations only)")
     if r.max_gen_batches < 1:
         out.append(f"rollout.max_gen_batches={r.max_gen_batches} must be >= 1")
     elif r.dynamic_sampling and r.gen_prompts_per_batch * r.max_gen_batches < r.prompts_per_step:

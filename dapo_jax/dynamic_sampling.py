@@ -4,16 +4,21 @@ generating until the batch is full.
 A group whose G answers are all right or all wrong has zero advantage everywhere: it adds no
 gradient, only dilutes the token mean. So, per rollout step:
 
-    kept = groups carried over from the last step
+    kept = groups carried over from earlier steps, at most max_carry_age steps old
     while len(kept) < prompts_per_step:
         generate one generation batch; keep its groups with 0 < accuracy < 1
     train on kept[:prompts_per_step]; carry kept[prompts_per_step:] into the next step
 
 The reference discards the surplus; carrying it over wastes no generated token (the metrics report
 the share of generated tokens that reached a gradient update). A carried group keeps the
-log-probs of the parameters that generated it, so its importance ratio stays correct one step
-later. After `max_gen_batches` generation batches without a full batch the step either stops with
-an explanation of what was seen, or trains on the partial batch (`on_limit="train_partial"`).
+log-probs of the parameters that generated it, so its importance ratio stays correct, but the clip
+is centred on that older policy: with the paper's 3x over-generation the carry grows whenever more
+than a third of the groups are informative, so groups older than `max_carry_age` rollout steps are
+dropped (and counted), and every step reports the age of what it trained on. A step whose carry
+already fills the batch generates nothing and trains only on carried groups; its metrics say so.
+
+After `max_gen_batches` generation batches without a full batch the step either stops with an
+explanation of what was seen, or trains on the partial batch (`on_limit="train_partial"`).
 """
 
 from __future__ import annotations
@@ -32,17 +37,41 @@ class GenerationBatchLimit(RuntimeError):
 
 @dataclasses.dataclass
 class Collected:
+    step: int
     groups: list[Group]  # to train on, at most prompts_per_step of them
     carry: list[Group]  # informative groups left over, for the next step
     generated: list[Group]  # every group generated this step (for the metrics)
     gen_batches: int = 0
-    carried_in: int = 0
+    carried_in: int = 0  # carried groups still young enough to train on
+    stale_dropped: int = 0  # carried groups dropped for being older than max_carry_age
     partial: bool = False
 
     @property
     def filtered(self) -> int:
         """Generated groups dropped for being all right or all wrong."""
         return sum(not g.informative for g in self.generated)
+
+    @property
+    def ages(self) -> list[int]:
+        """The trained groups' ages in rollout steps (0: generated this step)."""
+        return [self.step - g.step for g in self.groups]
+
+    def metrics(self) -> dict[str, float]:
+        """The step's dynamic-sampling figures (present on every step, generating or not)."""
+        ages, trained = self.ages, max(len(self.groups), 1)
+        return {
+            "dynamic_sampling/gen_batches": self.gen_batches,
+            "dynamic_sampling/filtered_frac": self.filtered / max(len(self.generated), 1),
+            "dynamic_sampling/groups_trained": len(self.groups),
+            "dynamic_sampling/carried_in": self.carried_in,
+            "dynamic_sampling/carried_out": len(self.carry),
+            "dynamic_sampling/stale_dropped": self.stale_dropped,
+            # the share of trained groups generated in an earlier step, under an older policy
+            "dynamic_sampling/stale_frac": sum(a > 0 for a in ages) / trained,
+            "dynamic_sampling/age_mean": sum(ages) / trained,
+            "dynamic_sampling/age_max": max(ages, default=0),
+            "dynamic_sampling/partial_batch": float(self.partial),
+        }
 
 
 def limit_message(step: int, need: int, kept: int, generated: list[Group], max_gen_batches: int) -> str:
@@ -60,30 +89,43 @@ def limit_message(step: int, need: int, kept: int, generated: list[Group], max_g
 
 
 def collect(step: int, need: int, carry: list[Group], draw: Callable[[int], list[Group]], *, dynamic: bool = True,
-            carry_over: bool = True, max_gen_batches: int = 10, on_limit: str = "error") -> Collected:
+            carry_over: bool = True, max_carry_age: int = 1, max_gen_batches: int = 10,
+            on_limit: str = "error") -> Collected:
     """Gather `need` groups for one rollout step.
 
-    `draw(i)` generates and scores the step's i-th generation batch. Without dynamic sampling the first batch is
-    trained on as it is. Fresh groups come back without old log-probs: the caller computes them
-    (still under the generating parameters) for the ones that are kept.
+    `draw(i)` generates and scores the step's i-th generation batch; its groups are stamped with
+    `step`. Carried groups more than `max_carry_age` steps old are dropped before anything else
+    (0 keeps none: every step trains on its own generations). Without dynamic sampling the first
+    batch is trained on as it is. Fresh groups come back without old log-probs: the caller computes
+    them (still under the generating parameters) for the ones that are kept.
     """
     if on_limit not in ON_LIMIT:
         raise ValueError(f"on_limit={on_limit!r}: use one of {ON_LIMIT}")
+    if max_carry_age < 0:
+        raise ValueError(f"max_carry_age={max_carry_age} must be >= 0 (rollout steps a carried group may wait)")
+
+    def fresh_batch(index: int) -> list[Group]:
+        groups = draw(index)
+        for g in groups:
+            g.step = step
+        return groups
+
     if not dynamic:
-        generated = draw(0)
-        return Collected(generated[:need], [], generated, gen_batches=1)
-    kept, generated, batches = list(carry), [], 0
-    out = Collected([], [], generated, carried_in=len(carry))
+        generated = fresh_batch(0)
+        return Collected(step, generated[:need], [], generated, gen_batches=1)
+    young = [g for g in carry if step - g.step <= max_carry_age]
+    kept, generated, batches = young, [], 0
+    out = Collected(step, [], [], generated, carried_in=len(young), stale_dropped=len(carry) - len(young))
     while len(kept) < need:
         if batches == max_gen_batches:
             if on_limit == "error":
                 raise GenerationBatchLimit(limit_message(step, need, len(kept), generated, max_gen_batches))
             out.partial = True
             break
-        fresh = draw(batches)
+        fresh = fresh_batch(batches)
         batches += 1
         generated.extend(fresh)
         kept.extend(g for g in fresh if g.informative)
     out.groups, out.gen_batches = kept[:need], batches
-    out.carry = kept[need:] if carry_over else []
+    out.carry = kept[need:] if carry_over and max_carry_age > 0 else []
     return out

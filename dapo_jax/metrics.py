@@ -63,30 +63,38 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def _mean(x) -> float:
+    return float(np.mean(x)) if len(x) else math.nan
+
+
+def _extreme(fn, x) -> float:
+    return float(fn(x)) if len(x) else math.nan
+
+
 def rollout_metrics(generated, trained) -> dict[str, float]:
     """Reward, accuracy, response-length and token-probability figures over this step's generated
     answers, the shares of groups that came back all correct / all wrong, and the trained groups'
-    accuracy (what the gradient saw)."""
+    accuracy (what the gradient saw).
+
+    Every key is present on every step: a step that generated nothing (its carry filled the batch)
+    reports NaN for the rollout figures (null in metrics.jsonl, skipped by TensorBoard).
+    """
     scores = np.array([s for g in generated for s in g.scores], np.float64)
     rewards = np.array([s for g in generated for s in g.rewards], np.float64)
     accs = np.array([a for g in generated for a in g.accs], np.float64)
     lengths = np.array([len(r) for g in generated for r in g.responses], np.float64)
     truncated = np.array([t for g in generated for t in g.truncated], np.float64)
-    logp = [x for g in generated for x in g.sampler_logp]
-    out = {}
-    if len(scores):
-        out.update({
-            "rollout/score_mean": scores.mean(), "rollout/reward_mean": rewards.mean(),
-            "rollout/reward_max": rewards.max(), "rollout/reward_min": rewards.min(),
-            "rollout/acc_mean": accs.mean(),
-            "rollout/response_length_mean": lengths.mean(), "rollout/response_length_max": lengths.max(),
-            "rollout/response_length_min": lengths.min(), "rollout/truncated_frac": truncated.mean(),
-            # The paper's "mean probability" of the sampled tokens (under the sampling distribution).
-            "rollout/token_prob_mean": float(np.exp(np.concatenate(logp).astype(np.float64)).mean()),
-            "rollout/all_correct_frac": float(np.mean([all(g.accs) for g in generated])),
-            "rollout/all_wrong_frac": float(np.mean([not any(g.accs) for g in generated])),
-        })
-    if trained:
-        out["batch/acc_mean"] = float(np.mean([a for g in trained for a in g.accs]))
-        out["batch/reward_mean"] = float(np.mean([r for g in trained for r in g.rewards]))
-    return out
+    probs = np.exp(np.concatenate([x for g in generated for x in g.sampler_logp] or [[]]).astype(np.float64))
+    return {
+        "rollout/score_mean": _mean(scores), "rollout/reward_mean": _mean(rewards),
+        "rollout/reward_max": _extreme(np.max, rewards), "rollout/reward_min": _extreme(np.min, rewards),
+        "rollout/acc_mean": _mean(accs),
+        "rollout/response_length_mean": _mean(lengths), "rollout/response_length_max": _extreme(np.max, lengths),
+        "rollout/response_length_min": _extreme(np.min, lengths), "rollout/truncated_frac": _mean(truncated),
+        # The paper's "mean probability" of the sampled tokens (under the sampling distribution).
+        "rollout/token_prob_mean": _mean(probs),
+        "rollout/all_correct_frac": _mean([all(g.accs) for g in generated]),
+        "rollout/all_wrong_frac": _mean([not any(g.accs) for g in generated]),
+        "batch/acc_mean": _mean([a for g in trained for a in g.accs]),
+        "batch/reward_mean": _mean([r for g in trained for r in g.rewards]),
+    }

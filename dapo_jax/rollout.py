@@ -50,6 +50,7 @@ class Group:
     preds: list[str]
     truncated: list[bool]  # hit max_response_length without an end-of-sequence id
     old_logp: list[np.ndarray] | None = None  # float32, under the parameters that generated them
+    step: int = 0  # the rollout step that generated it (a carried group's age is the current step minus this)
 
     @property
     def informative(self) -> bool:

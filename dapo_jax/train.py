@@ -184,6 +184,7 @@ class Run:
                                                 chunk_rows=update.microbatch_rows, mesh=self.mesh)
         self.host = HostState()
         self.carry: list[rollout.Group] = []
+        self.warned_carry_only = False
 
     # -- one rollout step ----------------------------------------------------------------------------
 
@@ -201,11 +202,17 @@ class Run:
         start = time.perf_counter()
         collected = dynamic_sampling.collect(
             step, r.prompts_per_step, self.carry, lambda batch_index: self.draw(step, batch_index, timer),
-            dynamic=r.dynamic_sampling, carry_over=r.carry_over, max_gen_batches=r.max_gen_batches,
-            on_limit=r.on_gen_batch_limit)
+            dynamic=r.dynamic_sampling, carry_over=r.carry_over, max_carry_age=r.max_carry_age,
+            max_gen_batches=r.max_gen_batches, on_limit=r.on_gen_batch_limit)
         if collected.partial:
             log.warning("step %d: training on a partial batch of %d of %d groups (rollout.on_gen_batch_limit="
                         "'train_partial')", step, len(collected.groups), r.prompts_per_step)
+        if collected.gen_batches == 0 and not self.warned_carry_only:
+            self.warned_carry_only = True
+            log.warning("step %d generated nothing: the groups carried over from the step before filled its batch, "
+                        "so it trains only on answers of an older policy (up to rollout.max_carry_age=%d steps; "
+                        "dynamic_sampling/stale_frac and age_max report it on every step). Set "
+                        "rollout.max_carry_age=0 to train every step on its own generations", step, r.max_carry_age)
 
         t = time.perf_counter()
         rollout.attach_old_logp(collected.groups + collected.carry, self.state.params, self.logprobs, self.layout)
@@ -232,12 +239,7 @@ class Run:
             "actor/lr": float(lr),
             "actor/grad_steps": int(self.state.updates),
             "rollout/logp_mismatch": logp_mismatch(collected.groups),
-            "dynamic_sampling/gen_batches": collected.gen_batches,
-            "dynamic_sampling/filtered_frac": collected.filtered / max(len(collected.generated), 1),
-            "dynamic_sampling/groups_trained": len(collected.groups),
-            "dynamic_sampling/carried_in": collected.carried_in,
-            "dynamic_sampling/carried_out": len(collected.carry),
-            "dynamic_sampling/partial_batch": float(collected.partial),
+            **collected.metrics(),
             "dynamic_sampling/trained_token_frac": self.host.trained_tokens / max(self.host.generated_tokens, 1),
             "time/generate": timer["generate"], "time/reward": timer["reward"], "time/old_logp": old_logp_seconds,
             "time/update": update_seconds, "time/step": seconds,
@@ -270,7 +272,8 @@ class Run:
     def restore(self, checkpointer: checkpoints.Checkpointer, step: int) -> None:
         self.state, host = checkpointer.restore(step, self.state)
         self.host = HostState(**{**host, "carry": []})
-        self.carry = [rollout.Group.from_json(g) for g in host["carry"]]
+        # Checkpoints from before groups recorded their step carried them out of the step before the save.
+        self.carry = [rollout.Group.from_json({"step": self.host.step - 1, **g}) for g in host["carry"]]
         self.stream.set_state(host["stream"])
 
 

@@ -68,6 +68,66 @@ def test_without_carry_over_the_surplus_is_dropped():
     assert dynamic_sampling.collect(0, 2, [], draw, carry_over=False).carry == []
 
 
+def test_carried_groups_older_than_max_carry_age_are_dropped_and_counted():
+    old, young = group([0, 1]), group([1, 0])
+    old.step, young.step = 3, 4
+    draw, calls = drawer([[group([1, 0])]])
+    out = dynamic_sampling.collect(5, 2, [old, young], draw, max_carry_age=1)
+    assert out.groups[0] is young and out.stale_dropped == 1 and out.carried_in == 1 and len(calls) == 1
+    assert out.ages == [1, 0] and out.groups[1].step == 5
+
+
+def test_max_carry_age_zero_keeps_no_surplus():
+    draw, _ = drawer([[group([1, 0]) for _ in range(3)]])
+    assert dynamic_sampling.collect(0, 2, [], draw, max_carry_age=0).carry == []
+
+
+@pytest.mark.parametrize("informative", [0.3, 0.5, 0.7, 0.9])
+def test_at_the_paper_ratio_no_trained_group_is_older_than_max_carry_age(informative):
+    """512 groups per step from generation batches of 1,536 prompts (the 32B config): the carry
+    grows whenever more than a third are informative, yet nothing older than the bound is trained."""
+    import random
+    from pathlib import Path
+
+    from dapo_jax.config import load_config_file
+
+    cfg = load_config_file(Path(__file__).parents[1] / "configs" / "dapo_qwen2_5_32b.py").get_config()
+    r = cfg.rollout
+    rng = random.Random(int(informative * 10))
+
+    def draw(_):
+        return [group([1, 0] if rng.random() < informative else [1, 1]) for _ in range(r.gen_prompts_per_batch)]
+
+    carry, keys, generation_free = [], None, 0
+    for step in range(12):
+        out = dynamic_sampling.collect(step, r.prompts_per_step, carry, draw, max_carry_age=r.max_carry_age,
+                                       max_gen_batches=r.max_gen_batches)
+        carry = out.carry
+        assert len(out.groups) == r.prompts_per_step
+        assert max(out.ages) <= r.max_carry_age and all(step - g.step <= r.max_carry_age for g in carry + out.groups)
+        metrics = out.metrics()
+        keys = keys or set(metrics)
+        assert set(metrics) == keys and all(v == v for v in metrics.values())  # every figure, every step
+        assert metrics["dynamic_sampling/age_max"] == max(out.ages)
+        assert metrics["dynamic_sampling/stale_frac"] == sum(a > 0 for a in out.ages) / len(out.groups)
+        generation_free += out.gen_batches == 0
+        if out.gen_batches == 0:
+            assert metrics["dynamic_sampling/stale_frac"] == 1.0
+    if informative >= 0.5:  # the carry piles up until it fills a whole step: the carry-only path ran
+        assert generation_free
+
+
+def test_a_step_that_generates_nothing_still_reports_every_rollout_figure():
+    from dapo_jax import metrics as metrics_lib
+
+    carried = [group([0, 1]), group([1, 0])]
+    full = metrics_lib.rollout_metrics(carried, carried)
+    empty = metrics_lib.rollout_metrics([], carried)
+    assert set(empty) == set(full)
+    assert all(v != v for k, v in empty.items() if k.startswith("rollout/"))  # NaN: nothing was generated
+    assert empty["batch/acc_mean"] == 0.5
+
+
 def test_reaching_the_generation_batch_limit_explains_what_was_seen():
     draw, calls = drawer([[group([1, 1]), group([1, 1]), group([1, 0])]] * 3)
     with pytest.raises(dynamic_sampling.GenerationBatchLimit) as e:
