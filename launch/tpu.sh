@@ -10,7 +10,7 @@
 #   launch/tpu.sh [options] delete   # delete the TPU VM / queued resource
 #
 # Options (each also read from the environment variable in brackets):
-#   --name NAME          TPU VM name, or the queued resource's name and node prefix    [TPU_NAME]
+#   --name NAME          TPU VM / queued resource and node name (slices: <name>-<i>)   [TPU_NAME]
 #   --zone ZONE          e.g. us-east5-a                                               [TPU_ZONE]
 #   --project PROJECT    default: gcloud's configured project                          [TPU_PROJECT]
 #   --accelerator TYPE   e.g. v5p-128, v4-32, v5litepod-16, v6e-8                      [TPU_ACCELERATOR]
@@ -25,7 +25,7 @@
 #   --dry-run            print the commands instead of running them                    [DRY_RUN=1]
 #
 # Example (the paper's recipe on the slice `python -m dapo_jax.plan` recommends):
-#   launch/tpu.sh --name dapo --zone us-east5-a --accelerator v5p-256 --queued create
+#   launch/tpu.sh --name dapo --zone us-east5-a --accelerator v5p-64 --queued create
 #   launch/tpu.sh --name dapo --zone us-east5-a setup
 #   launch/tpu.sh --name dapo --zone us-east5-a --config configs/dapo_qwen2_5_32b.py \
 #       --workdir runs/dapo-32b --checkpoints gs://my-bucket/dapo-32b run
@@ -116,9 +116,10 @@ gcloud_cmd() {
   fi
 }
 
-# The TPU VM names: the VM itself, or the queued resource's nodes <name>-0 ... <name>-<slices-1>.
+# The TPU VM names, as create makes them: one slice (a TPU VM, or a queued resource's --node-id) is
+# <name>; several slices are the queued resource's --node-prefix nodes <name>-0 ... <name>-<slices-1>.
 nodes() {
-  if [[ "$queued" == 1 ]]; then
+  if ((slices > 1)); then
     local i
     for ((i = 0; i < slices; i++)); do echo "$name-$i"; done
   else

@@ -82,6 +82,38 @@ def test_run_starts_every_worker_of_every_slice_with_the_same_command():
         assert words[-1] == "&"  # detached: the ssh returns, the run goes on
 
 
+def created_nodes(create):
+    """The nodes a printed `queued-resources create` makes: --node-id, or --node-prefix-0 ... -<count-1>."""
+    flags = dict(a.removeprefix("--").split("=", 1) for a in create if a.startswith("--") and "=" in a)
+    if "node-id" in flags:
+        return [flags["node-id"]]
+    return [f"{flags['node-prefix']}-{i}" for i in range(int(flags["node-count"]))]
+
+
+def addressed_nodes(lines, verb):
+    """The nodes the printed `gcloud compute tpus tpu-vm <verb>` commands address, in order."""
+    commands = [a[5:] for a in lines if a[:5] == ["gcloud", "compute", "tpus", "tpu-vm", verb]]
+    return [(c[1] if verb == "scp" else c[0]).split(":")[0] for c in commands]  # scp ARCHIVE NODE:FILE
+
+
+QUEUED = {"one slice": (["--queued"], ["dapo"]), "two slices": (["--slices", "2"], ["dapo-0", "dapo-1"])}
+
+
+@pytest.mark.parametrize("case", QUEUED)
+def test_every_command_on_a_queued_resource_addresses_the_nodes_create_makes(case):
+    args, nodes = QUEUED[case]
+    (create,) = dry_run(*args, "--accelerator", "v5p-64", "create")
+    assert created_nodes(create) == nodes
+    setup = dry_run(*args, "setup")
+    assert addressed_nodes(setup, "scp") == nodes and addressed_nodes(setup, "ssh") == nodes
+    run = dry_run(*args, "--config", "c.py", "--workdir", "runs/r", "--checkpoints", "gs://b/r", "run")
+    assert addressed_nodes(run, "ssh") == nodes
+    assert addressed_nodes(dry_run(*args, "logs"), "ssh") == nodes[:1]
+    assert addressed_nodes(dry_run(*args, "stop"), "ssh") == nodes
+    (delete,) = dry_run(*args, "delete")
+    assert delete[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "dapo"]
+
+
 def test_setup_logs_and_stop():
     archive, scp, install = dry_run("setup")
     assert archive[:2] == ["git", "-C"] and archive[3:5] == ["archive", "--format=tar.gz"]
