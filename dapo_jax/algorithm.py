@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")  # the reference's "kl", "mse" and "low_var_kl"
 
 
 def group_advantages(rewards: Sequence[float], group_ids: Sequence[Hashable], *, norm_by_std: bool = True,
@@ -86,9 +87,30 @@ def aggregate(loss_BxT, mask_BxT, agg_mode: str, *, num_tokens=None, num_sequenc
     return jnp.sum(jnp.where(present_B, seq_B, 0.0)) / count
 
 
+def kl_to_reference(logp, ref_logp, estimator: str = "k3"):
+    """Per-token estimate of KL(pi_theta || pi_ref) from the sampled tokens' log-probs (Schulman's
+    estimators, as the reference names them), with d = ref_logp - logp:
+
+        k1 = -d                       ("kl": unbiased, high variance, can be negative)
+        k2 = d^2 / 2                  ("mse")
+        k3 = exp(d) - d - 1           ("low_var_kl", GRPO's: unbiased, >= 0; d clamped to [-20, 20]
+                                       and k3 to [-10, 10], as the reference does)
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl estimator {estimator!r} is not one of {KL_ESTIMATORS}")
+    d = ref_logp - logp
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * jnp.square(d)
+    d = jnp.clip(d, -20.0, 20.0)
+    return jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
+
+
 def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip_high: float = 0.28,
                 clip_c: float | None = None, agg_mode: str = "token-mean", ref_logp=None, kl_coef: float = 0.0,
-                entropy=None, entropy_coef: float = 0.0, num_tokens=None, num_sequences=None, norm_constant=None):
+                kl_estimator: str = "k3", entropy=None, entropy_coef: float = 0.0, num_tokens=None,
+                num_sequences=None, norm_constant=None):
     """(loss to minimise, metrics) for [batch, length] log-probs of the sampled tokens.
 
     Per token, with delta = logp - old_logp, r = exp(delta) and advantage A (per sequence [B] or
@@ -97,17 +119,16 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
         L1 = -A r,   L2 = -A clip(r, 1 - clip_low, 1 + clip_high),   L = max(L1, L2)
         dual clip (clip_c = c > 1), for A < 0 only:  L = min(L, -A c)
 
-    then `aggregate`d by agg_mode. Optional GRPO terms: + kl_coef * aggregate(k3) with
-    k3 = exp(ref - logp) - (ref - logp) - 1 (the low-variance KL estimate to a reference policy,
-    clamped to [-10, 10] as the reference does; delta is clamped to [-20, 20] likewise),
-    and - entropy_coef * aggregate(entropy). num_tokens / num_sequences / norm_constant: see
-    `aggregate`.
+    then `aggregate`d by agg_mode (delta is clamped to [-20, 20] as the reference does). Optional
+    GRPO terms: + kl_coef * aggregate(KL) with KL = `kl_to_reference(logp, ref_logp, kl_estimator)`
+    (GRPO's beta * KL(pi_theta || pi_ref), k3 by default), and - entropy_coef * aggregate(entropy).
+    num_tokens / num_sequences / norm_constant: see `aggregate`.
 
     Metrics (means over the masked tokens): clip_frac (the clip is active, L2 > L1),
     clip_frac_high (clipped at 1 + clip_high with A > 0), clip_frac_low (clipped at 1 - clip_low
     with A < 0), dual_clip_frac (A < 0 and the dual clip is active), approx_kl = mean(-delta)
-    (KL to the old policy), token_prob = mean(exp(logp)), entropy (when given), ref_kl (when
-    ref_logp is given).
+    (KL to the old policy), token_prob = mean(exp(logp)), entropy (when given), ref_kl (the KL
+    estimate, when ref_logp is given).
     """
     if clip_c is not None and clip_c <= 1.0:
         raise ValueError(f"clip_c={clip_c}: the dual-clip constant must be > 1 (the reference uses 3 to 10)")
@@ -150,11 +171,11 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
         "token_prob": _masked_mean(jnp.exp(logp), mask, denominator),
     }
     if ref_logp is not None:
-        log_ref_ratio = jnp.clip(jnp.where(valid, jnp.asarray(ref_logp, jnp.float32) - logp, 0.0), -20.0, 20.0)
-        k3 = jnp.clip(jnp.exp(log_ref_ratio) - log_ref_ratio - 1.0, -10.0, 10.0)  # clamped as the reference
-        metrics["ref_kl"] = _masked_mean(k3, mask, denominator)
+        ref_logp = jnp.where(valid, jnp.asarray(ref_logp, jnp.float32), logp)  # masked positions: KL 0
+        kl = kl_to_reference(logp, ref_logp, kl_estimator)
+        metrics["ref_kl"] = _masked_mean(kl, mask, denominator)
         if kl_coef:
-            loss = loss + kl_coef * aggregate(k3, mask, agg_mode, **counts)
+            loss = loss + kl_coef * aggregate(kl, mask, agg_mode, **counts)
     elif kl_coef:
         raise ValueError("kl_coef > 0 needs ref_logp (log-probs of the reference policy)")
     if entropy is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ml_collections
 
-from dapo_jax.algorithm import AGG_MODES
+from dapo_jax.algorithm import AGG_MODES, KL_ESTIMATORS
 from dapo_jax.dynamic_sampling import ON_LIMIT
 
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "synthetic_tiny"
@@ -78,7 +78,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.algorithm.clip_c = 0.0  # dual-clip constant for negative advantages; 0 = off
     c.algorithm.agg_mode = "token-mean"
     c.algorithm.norm_by_std = True
-    c.algorithm.kl_coef = 0.0
+    c.algorithm.kl_coef = 0.0  # GRPO's beta; > 0 keeps a frozen copy of the starting policy as the reference
+    c.algorithm.kl_estimator = "k3"  # "k1", "k2" or "k3" (GRPO's low-variance estimate)
     c.algorithm.entropy_coef = 0.0
 
     c.optim = ml_collections.ConfigDict()
@@ -113,16 +114,31 @@ def default_config() -> ml_collections.ConfigDict:
 # for Qwen2.5-32B: 30, 36, 38, 41, 42, 50). Soft overlong punishment replaces overlong filtering
 # (the final recipe shapes truncated answers' rewards instead of dropping them from the loss).
 ABLATION_LADDER = ("grpo", "overlong_filtering", "clip_higher", "soft_overlong", "token_level_loss", "dapo")
+# Naive GRPO's KL penalty to the starting policy: the low-variance k3 estimate with verl's GRPO
+# recipe's beta (DeepSeekMath used 0.04). DAPO drops it; the ladder drops it with the first technique.
+GRPO_KL_COEF, GRPO_KL_ESTIMATOR = 0.001, "k3"
 
 
 def ablation(cfg: ml_collections.ConfigDict, rung: str) -> ml_collections.ConfigDict:
-    """`cfg` (a full DAPO config) cut back to one rung of the ablation ladder."""
+    """`cfg` (a full DAPO config) cut back to one rung of the ablation ladder.
+
+        rung                clip (low/high)  loss agg             truncated answers      dyn. sampling  KL
+        grpo                low / low        seq-mean-token-mean  kept as they are       no             k3, 0.001
+        overlong_filtering  low / low        seq-mean-token-mean  dropped from the loss  no             none
+        clip_higher         low / high       seq-mean-token-mean  dropped from the loss  no             none
+        soft_overlong       low / high       seq-mean-token-mean  length penalty         no             none
+        token_level_loss    low / high       token-mean           length penalty         no             none
+        dapo                low / high       token-mean           length penalty         yes            none
+
+    `low`/`high` are cfg's clip_low/clip_high; the length penalty's buffer is cfg's (or a fifth of
+    the response length). The grpo rung has no dual clip (GRPO's objective has none); the others
+    keep cfg's clip_c. Without dynamic sampling a step generates exactly its batch.
+    """
     if rung not in ABLATION_LADDER:
         raise ConfigError(f"unknown ablation rung {rung!r}; choose one of {ABLATION_LADDER}")
     c = ml_collections.ConfigDict(cfg.to_dict())
     level = ABLATION_LADDER.index(rung)
     buffer = cfg.reward.overlong_buffer or max(cfg.rollout.max_response_length // 5, 1)
-    # naive GRPO: symmetric clip, sample-level loss, no overlong handling, no dynamic sampling
     c.algorithm.clip_high = cfg.algorithm.clip_low if level < 2 else cfg.algorithm.clip_high
     c.reward.overlong_filter = level in (1, 2)
     c.reward.overlong_buffer = buffer if level >= 3 else 0
@@ -130,6 +146,9 @@ def ablation(cfg: ml_collections.ConfigDict, rung: str) -> ml_collections.Config
     c.rollout.dynamic_sampling = level >= 5
     if level < 5:
         c.rollout.gen_prompts_per_batch = c.rollout.prompts_per_step
+    if level == 0:
+        c.algorithm.kl_coef, c.algorithm.kl_estimator = GRPO_KL_COEF, GRPO_KL_ESTIMATOR
+        c.algorithm.clip_c = 0.0
     return c
 
 
@@ -169,15 +188,17 @@ def problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
         out.append(f"steps={cfg.steps} must be >= 0")
     if not 0.0 <= a.clip_low < 1.0:
         out.append(f"algorithm.clip_low={a.clip_low} must be in [0, 1) (the paper: 0.2)")
-    if not 0.0 <= a.clip_high <= 10.0:
-        out.append(f"algorithm.clip_high={a.clip_high} must be in [0, 10] (the paper: 0.28)")
+    if not 0.0 <= a.clip_high <= 1.0:
+        out.append(f"algorithm.clip_high={a.clip_high} must be in [0, 1] (the paper: 0.28); at {a.clip_high} the "
+                   f"ratio could grow {1 + a.clip_high:g}x before the clip acts")
     if a.clip_c and a.clip_c <= 1.0:
         out.append(f"algorithm.clip_c={a.clip_c} must be > 1 (the public script: 10), or 0 to turn dual clip off")
     if a.agg_mode not in AGG_MODES:
         out.append(f"algorithm.agg_mode={a.agg_mode!r}: use one of {AGG_MODES}")
-    if a.kl_coef:
-        out.append(f"algorithm.kl_coef={a.kl_coef}: the KL penalty needs a reference policy, which DAPO drops and "
-                   f"this loop does not keep; set it to 0")
+    if a.kl_coef < 0:
+        out.append(f"algorithm.kl_coef={a.kl_coef} must be >= 0 (DAPO: 0; GRPO's baseline: 0.001 to 0.04)")
+    if a.kl_estimator not in KL_ESTIMATORS:
+        out.append(f"algorithm.kl_estimator={a.kl_estimator!r}: use one of {KL_ESTIMATORS}")
     if a.entropy_coef < 0:
         out.append(f"algorithm.entropy_coef={a.entropy_coef} must be >= 0")
     if r.samples_per_prompt < 1 or r.prompts_per_step < 1 or r.gen_prompts_per_batch < 1:

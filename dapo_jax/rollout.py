@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dapo_jax import algorithm, sampling, sharding
@@ -36,6 +37,9 @@ class RewardConfig:
     overlong_penalty_factor: float = 1.0
 
 
+_LOGP_FIELDS = ("sampler_logp", "old_logp", "ref_logp")
+
+
 @dataclasses.dataclass
 class Group:
     """The G answers to one prompt, scored. Lists are per answer."""
@@ -50,6 +54,7 @@ class Group:
     preds: list[str]
     truncated: list[bool]  # hit max_response_length without an end-of-sequence id
     old_logp: list[np.ndarray] | None = None  # float32, under the parameters that generated them
+    ref_logp: list[np.ndarray] | None = None  # float32, under the reference policy (only with a KL penalty)
     step: int = 0  # the rollout step that generated it (a carried group's age is the current step minus this)
 
     @property
@@ -64,15 +69,15 @@ class Group:
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["record"] = dataclasses.asdict(self.record)
-        for key in ("sampler_logp", "old_logp"):
+        for key in _LOGP_FIELDS:
             out[key] = None if out[key] is None else [x.tolist() for x in out[key]]
         return out
 
     @classmethod
     def from_json(cls, d: dict) -> Group:
         record = d["record"]
-        arrays = {key: None if d[key] is None else [np.asarray(x, np.float32) for x in d[key]]
-                  for key in ("sampler_logp", "old_logp")}
+        arrays = {key: None if d.get(key) is None else [np.asarray(x, np.float32) for x in d[key]]
+                  for key in _LOGP_FIELDS}
         return cls(**{**d, **arrays, "record": PromptRecord(**{**record, "prompt_ids": tuple(record["prompt_ids"])})})
 
 
@@ -172,64 +177,84 @@ def advantages(groups: Sequence[Group], rows: int, *, norm_by_std: bool) -> np.n
 
 
 def make_logprob_fn(model_config, *, temperature: float, chunk_rows: int, mesh=None):
-    """`logprobs(params, batch) -> [rows, width]` log pi(tokens[t] | tokens[<t]), computed `chunk_rows`
-    rows at a time by one compiled function (rows are padded up to a multiple of chunk_rows)."""
-    fn = lambda params, t, m: token_logprobs(model_config, params, t, m, temperature)[0]  # noqa: E731
+    """`logprobs(policies, tokens, attention_mask) -> [len(policies), rows, width]`: log pi(tokens[t] |
+    tokens[<t]) under each parameter tree in `policies` (the old policy, and the reference policy
+    when there is a KL penalty), in one compiled call per `chunk_rows` rows (rows are padded up to a
+    multiple of chunk_rows)."""
+    def fn(policies, t, m):
+        return jnp.stack([token_logprobs(model_config, p, t, m, temperature)[0] for p in policies])
+
     if mesh is None:
         jitted = jax.jit(fn)
     else:
         rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-        sharded = jax.jit(fn, in_shardings=(None, rows_sharding, rows_sharding), out_shardings=rows_sharding)
+        out_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+        sharded = jax.jit(fn, in_shardings=(None, rows_sharding, rows_sharding), out_shardings=out_sharding)
 
-        def jitted(params, t, m):
-            return sharded(params, sharding.host_to_global(t, rows_sharding), sharding.host_to_global(m, rows_sharding))
+        def jitted(policies, t, m):
+            return sharded(policies, sharding.host_to_global(t, rows_sharding),
+                           sharding.host_to_global(m, rows_sharding))
 
-    def logprobs(params, tokens: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def logprobs(policies, tokens: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         n = tokens.shape[0]
         padded = -(-n // chunk_rows) * chunk_rows
         pad = ((0, padded - n), (0, 0))
         tokens, attention_mask = np.pad(tokens, pad), np.pad(attention_mask, pad)
         chunks = []
         for start in range(0, padded, chunk_rows):
-            part = jitted(params, tokens[start:start + chunk_rows], attention_mask[start:start + chunk_rows])
+            part = jitted(tuple(policies), tokens[start:start + chunk_rows], attention_mask[start:start + chunk_rows])
             chunks.append(sharding.to_host(part))
-        return np.concatenate(chunks)[:n]
+        return np.concatenate(chunks, axis=1)[:, :n]
 
     return logprobs
 
 
-def attach_old_logp(groups: Sequence[Group], params, logprob_fn, layout: Layout) -> None:
-    """Fill each group's old_logp with log-probs under `params` (the parameters that generated it)."""
+def attach_logprobs(groups: Sequence[Group], params, logprob_fn, layout: Layout, ref_params=None) -> None:
+    """Fill the fresh groups' (those without old_logp) old_logp with log-probs under `params` (the
+    parameters that generated them) and, given `ref_params`, their ref_logp under the reference
+    policy, both in the same pass over their rows."""
     todo = [g for g in groups if g.old_logp is None]
     if not todo:
         return
     rows = sum(len(g.responses) for g in todo)
     batch = pack(todo, layout, rows)
-    logp = logprob_fn(params, batch["tokens"], batch["attention_mask"])
+    policies = (params,) if ref_params is None else (params, ref_params)
+    logp = logprob_fn(policies, batch["tokens"], batch["attention_mask"])
     p, row = layout.max_prompt_length, 0
     for g in todo:
-        g.old_logp = []
+        g.old_logp, g.ref_logp = [], None if ref_params is None else []
         for response in g.responses:
-            g.old_logp.append(np.asarray(logp[row, p:p + len(response)], np.float32))
+            g.old_logp.append(np.asarray(logp[0, row, p:p + len(response)], np.float32))
+            if ref_params is not None:
+                g.ref_logp.append(np.asarray(logp[1, row, p:p + len(response)], np.float32))
             row += 1
+
+
+def _per_token(groups: Sequence[Group], field: str, layout: Layout, rows: int) -> np.ndarray:
+    """[rows, width] float32 holding each answer's per-token `field` at its response positions."""
+    out = np.zeros((rows, layout.width), np.float32)
+    p, row = layout.max_prompt_length, 0
+    for g in groups:
+        for values in getattr(g, field):
+            out[row, p:p + len(values)] = values
+            row += 1
+    return out
 
 
 def train_batch(groups: Sequence[Group], layout: Layout, rows: int, *, norm_by_std: bool,
                 overlong_filter: bool) -> dict[str, np.ndarray]:
-    """The train step's batch: packed rows, their old log-probs and advantages.
+    """The train step's batch: packed rows, their old log-probs (and reference log-probs, when the
+    groups carry them) and advantages.
 
     overlong_filter drops truncated answers from the loss (their advantage still counts in the
     group's baseline, as in the paper's ablation).
     """
     batch = pack(groups, layout, rows)
-    old = np.zeros((rows, layout.width), np.float32)
-    p, row = layout.max_prompt_length, 0
-    for g in groups:
-        for response, logp, truncated in zip(g.responses, g.old_logp, g.truncated):
-            old[row, p:p + len(response)] = logp
-            if overlong_filter and truncated:
-                batch["loss_mask"][row] = 0
-            row += 1
-    batch["old_logp"] = old
+    if overlong_filter:
+        truncated = [t for g in groups for t in g.truncated]
+        batch["loss_mask"][:len(truncated)][np.asarray(truncated, bool)] = 0
+    batch["old_logp"] = _per_token(groups, "old_logp", layout, rows)
+    if groups and all(g.ref_logp is not None for g in groups):
+        batch["ref_logp"] = _per_token(groups, "ref_logp", layout, rows)
     batch["advantages"] = advantages(groups, rows, norm_by_std=norm_by_std)
     return batch

@@ -142,7 +142,7 @@ def make_update(cfg: ml_collections.ConfigDict, model_config, mesh) -> Update:
     optimizer = train_step_lib.make_optimizer(optim_config, num_minibatches)
     loss_config = train_step_lib.LossConfig(
         clip_low=a.clip_low, clip_high=a.clip_high, clip_c=a.clip_c or None, agg_mode=a.agg_mode,
-        kl_coef=a.kl_coef, entropy_coef=a.entropy_coef, temperature=r.temperature,
+        kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef, temperature=r.temperature,
         norm_constant=float(r.max_response_length) if a.agg_mode == "seq-mean-token-sum-norm" else None)
     step = train_step_lib.make_train_step(model_config, loss_config, optimizer, num_minibatches=num_minibatches,
                                           num_microbatches=o.minibatch_size // micro, mesh=mesh)
@@ -178,6 +178,11 @@ class Run:
                                            cfg.reward.overlong_penalty_factor)
         update = make_update(cfg, self.model_config, self.mesh)
         self.rows, self.optim_config, self.updates_per_step = update.rows, update.optim_config, update.num_minibatches
+        # GRPO's KL penalty pulls towards the starting policy: a frozen copy of it (the train state's
+        # buffers are donated to every update, so it cannot share them). A resumed run reloads it
+        # from model.path, as it was at the start.
+        self.ref_params = (jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
+                           if cfg.algorithm.kl_coef else None)
         self.state = train_step_lib.init_train_state(params, update.optimizer)
         self.train_step = update.train_step
         self.logprobs = rollout.make_logprob_fn(self.model_config, temperature=r.temperature,
@@ -215,7 +220,8 @@ class Run:
                         "rollout.max_carry_age=0 to train every step on its own generations", step, r.max_carry_age)
 
         t = time.perf_counter()
-        rollout.attach_old_logp(collected.groups + collected.carry, self.state.params, self.logprobs, self.layout)
+        rollout.attach_logprobs(collected.groups + collected.carry, self.state.params, self.logprobs, self.layout,
+                                ref_params=self.ref_params)
         old_logp_seconds = time.perf_counter() - t
         batch = rollout.train_batch(collected.groups, self.layout, self.rows, norm_by_std=self.cfg.algorithm.norm_by_std,
                                     overlong_filter=self.cfg.reward.overlong_filter)

@@ -16,7 +16,7 @@ Batch layout, all [N, L] unless noted, rows = prompt + response:
     loss_mask       1 on the response tokens the loss is taken over (0 for filtered rows)
     old_logp        log pi_old(tokens[t] | tokens[<t]); the value at t pairs with tokens[t]
     advantages      [N] or [N, L]
-    ref_logp        optional, for the KL penalty
+    ref_logp        optional: log pi_ref(tokens[t] | tokens[<t]) under the reference policy, for the KL penalty
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class LossConfig:
     clip_high: float = 0.28
     clip_c: float | None = None  # dual clip for negative advantages; the public DAPO script uses 10
     agg_mode: str = "token-mean"
-    kl_coef: float = 0.0
+    kl_coef: float = 0.0  # GRPO's beta: the batch must then carry ref_logp
+    kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     norm_constant: float | None = None  # seq-mean-token-sum-norm's divisor: the maximum response length
     temperature: float = 1.0  # the rollouts' sampling temperature: log-probs use logits / temperature
@@ -57,6 +58,8 @@ class LossConfig:
         if self.agg_mode == "seq-mean-token-sum-norm" and not self.norm_constant:
             raise ValueError("agg_mode='seq-mean-token-sum-norm' divides by a constant: set norm_constant to the "
                              "maximum response length (rows here also hold the prompt, so their width is not it)")
+        if self.kl_estimator not in algorithm.KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator={self.kl_estimator!r} is not one of {algorithm.KL_ESTIMATORS}")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0 (the sampling temperature of the rollouts)")
 
@@ -190,7 +193,7 @@ def make_train_step(config: Qwen2Config, loss_config: LossConfig, optimizer: opt
         return algorithm.policy_loss(
             logp, micro["old_logp"], micro["advantages"], micro["loss_mask"], clip_low=lc.clip_low,
             clip_high=lc.clip_high, clip_c=lc.clip_c, agg_mode=lc.agg_mode, ref_logp=micro.get("ref_logp"),
-            kl_coef=lc.kl_coef, entropy=entropy, entropy_coef=lc.entropy_coef, num_tokens=num_tokens,
+            kl_coef=lc.kl_coef, kl_estimator=lc.kl_estimator, entropy=entropy, entropy_coef=lc.entropy_coef, num_tokens=num_tokens,
             num_sequences=num_sequences, norm_constant=lc.norm_constant)
 
     grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)

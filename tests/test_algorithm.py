@@ -161,8 +161,56 @@ def test_kl_penalty_uses_the_k3_estimator_and_entropy_bonus_lowers_the_loss():
     assert float(loss) == pytest.approx(-0.02) and float(m["entropy"]) == pytest.approx(2.0)
 
 
+def _kl_oracle(logp, ref, estimator):
+    """KL(pi || pi_ref) per token in float64, written out from the estimators' definitions."""
+    d = ref.astype(np.float64) - logp.astype(np.float64)
+    if estimator == "k1":
+        return logp - ref
+    if estimator == "k2":
+        return d * d / 2
+    d = np.clip(d, -20, 20)
+    return np.clip(np.exp(d) - d - 1, -10, 10)
+
+
+@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_penalty_matches_a_float64_oracle(estimator, agg_mode):
+    rng = np.random.default_rng(3)
+    logp = np.log(rng.uniform(0.05, 1.0, (4, 6)))
+    ref = np.log(rng.uniform(0.05, 1.0, (4, 6)))
+    ref[0, 0] = np.nan  # a masked-out position must not leak in
+    mask = (rng.uniform(size=(4, 6)) < 0.7).astype(np.int32)
+    mask[0, 0] = 0
+    mask[1] = 0  # an empty sequence
+    zero_adv = np.zeros(4)
+    loss, m = policy_loss(logp, logp, zero_adv, mask, ref_logp=ref, kl_coef=0.05, kl_estimator=estimator,
+                          agg_mode=agg_mode)
+    kl = np.where(mask > 0, _kl_oracle(logp, np.nan_to_num(ref), estimator), 0.0)
+    if agg_mode == "token-mean":
+        expected = kl.sum() / mask.sum()
+    else:
+        present = mask.sum(1) > 0
+        expected = (kl.sum(1)[present] / mask.sum(1)[present]).mean()
+    assert float(loss) == pytest.approx(0.05 * expected, rel=1e-5, abs=1e-7)
+    assert float(m["ref_kl"]) == pytest.approx(kl.sum() / mask.sum(), rel=1e-5, abs=1e-7)
+
+
+def test_k1_and_k3_agree_on_the_mean_when_the_policy_samples_its_own_tokens():
+    """Both are unbiased for KL(pi || pi_ref) under tokens drawn from pi; k3 with lower variance."""
+    rng = np.random.default_rng(0)
+    p, q = np.array([0.6, 0.3, 0.1]), np.array([0.3, 0.3, 0.4])
+    tokens = rng.choice(3, size=(1, 20000), p=p)
+    logp, ref = jnp.log(p)[tokens], jnp.log(q)[tokens]
+    exact = float(np.sum(p * np.log(p / q)))
+    estimates = {e: np.asarray(algorithm.kl_to_reference(logp, ref, e)) for e in ("k1", "k3")}
+    for values in estimates.values():
+        assert values.mean() == pytest.approx(exact, abs=0.02)
+    assert estimates["k3"].std() < estimates["k1"].std()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(clip_c=1.0), "must be > 1"),
+    (dict(kl_coef=0.1, ref_logp=jnp.zeros((1, 2)), kl_estimator="k4"), "k4"),
     (dict(agg_mode="mean"), "agg_mode='mean'"),
     (dict(kl_coef=0.1), "needs ref_logp"),
     (dict(entropy_coef=0.1), "needs the per-token entropy"),

@@ -57,7 +57,9 @@ def problems_with(devices=1, **changes):
     (dict(rollout__on_gen_batch_limit="wait"), "rollout.on_gen_batch_limit='wait'"),
     (dict(data__truncation="right"), "data.truncation='right'"),
     (dict(rollout__top_p=0.0), "rollout.top_p=0.0 must be in (0, 1]"),
-    (dict(algorithm__kl_coef=0.01), "needs a reference policy"),
+    (dict(algorithm__clip_high=5.0), "algorithm.clip_high=5.0 must be in [0, 1] (the paper: 0.28)"),
+    (dict(algorithm__kl_coef=-0.01), "algorithm.kl_coef=-0.01 must be >= 0"),
+    (dict(algorithm__kl_estimator="low_var"), "algorithm.kl_estimator='low_var': use one of ('k1', 'k2', 'k3')"),
     (dict(rollout__gen_prompts_per_batch=2, rollout__max_gen_batches=4), "could never fill its batch"),
     (dict(log_every=0), "log_every and eval.prompts_per_batch must be >= 1"),
     (dict(rollout__prompt_bucket=0), "rollout.prompt_bucket=0 must be >= 1"),
@@ -88,6 +90,10 @@ def test_ablation_ladder_adds_one_technique_per_rung():
     assert g.algorithm.clip_high == g.algorithm.clip_low == 0.2
     assert g.algorithm.agg_mode == "seq-mean-token-mean" and not g.rollout.dynamic_sampling
     assert not g.reward.overlong_filter and g.reward.overlong_buffer == 0
+    assert g.algorithm.kl_coef == config_lib.GRPO_KL_COEF > 0 and g.algorithm.kl_estimator == "k3"
+    assert load("ablation.py", "grpo,32b").algorithm.clip_c == 0  # GRPO has no dual clip; the 32B base does
+    assert load("ablation.py", "overlong_filtering,32b").algorithm.clip_c == 10
+    assert all(rungs[r].algorithm.kl_coef == 0 for r in config_lib.ABLATION_LADDER[1:])
     assert rungs["overlong_filtering"].reward.overlong_filter
     assert rungs["clip_higher"].algorithm.clip_high == 0.28 and rungs["clip_higher"].reward.overlong_filter
     soft = rungs["soft_overlong"]

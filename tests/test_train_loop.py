@@ -154,3 +154,31 @@ def test_a_generation_batch_in_chunks_scores_every_prompt_in_order():
     # chunk i samples with seed + i: the first chunk is the same call as those 3 prompts alone
     first = rollout.generate_groups(model_config, params, records[:3], tokenizer, **kwargs)
     assert [g.responses for g in first] == [g.responses for g in chunked[:3]]
+
+
+def test_the_reference_policy_is_the_starting_policy_and_stays_frozen(tmp_path):
+    c = small_config(steps=2)
+    c.algorithm.kl_coef = 0.05
+    run = train.Run(c, tmp_path)
+    start = [np.asarray(x) for x in jax.tree_util.tree_leaves(run.state.params)]
+    metrics = [run.step(0), run.step(1)]
+    for ref, before in zip(jax.tree_util.tree_leaves(run.ref_params), start):
+        np.testing.assert_array_equal(np.asarray(ref), before)
+    now = jax.tree_util.tree_leaves(run.state.params)
+    assert any(not np.array_equal(np.asarray(a), b) for a, b in zip(now, start))  # the policy moved, the reference not
+    assert metrics[1]["actor/ref_kl"] > 0  # k3 of the moved policy against the reference
+
+
+@pytest.mark.parametrize("rung", config_lib.ABLATION_LADDER)
+def test_every_rung_of_the_ablation_ladder_trains(rung, tmp_path):
+    """A 2-step smoke of each preset of configs/ladder.py, cut down to a few prompts."""
+    c = config_lib.load_config_file(train.Path(__file__).parents[1] / "configs" / "ladder.py").ladder_task()
+    c.steps, c.eval.every, c.checkpoint.every, c.data.eval_problems, c.eval.samples_per_prompt = 2, 0, 2, 4, 2
+    c.rollout.update(prompts_per_step=4, samples_per_prompt=4, gen_prompts_per_batch=8,
+                     on_gen_batch_limit="train_partial")
+    c.optim.minibatch_size = 8
+    c = config_lib.ablation(c, rung)
+    train.train(c, tmp_path)
+    step = read_metrics(tmp_path)[2]
+    assert step["step"] == 2 and np.isfinite(step["actor/pg_loss"]) and step["actor/updates_applied"] >= 1
+    assert ("actor/ref_kl" in step) == (rung == "grpo")
