@@ -65,6 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.prompt_bucket = 8
+    c.rollout.stop_ids = ""  # ids or tokens that end an answer; "" = generation_config.json's eos, else the tokenizer's
     c.rollout.generation_chunk = 0  # prompts per sampler call (bounds its KV cache); 0 = a whole generation batch
 
     c.reward = ml_collections.ConfigDict()

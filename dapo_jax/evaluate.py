@@ -73,7 +73,8 @@ def evaluate(cfg: ml_collections.ConfigDict, checkpoint: str | Path, out: str | 
     metrics, results = evaluation.run_evaluation(
         model_config, params, records, tokenizer, samples_per_prompt=e.samples_per_prompt, temperature=e.temperature,
         top_p=e.top_p, max_response_length=cfg.rollout.max_response_length, prompts_per_batch=e.prompts_per_batch,
-        seed=train.seed_for(cfg.seed, 1 << 30), mesh=mesh, prompt_bucket=cfg.rollout.prompt_bucket)
+        seed=train.seed_for(cfg.seed, 1 << 30), mesh=mesh, prompt_bucket=cfg.rollout.prompt_bucket,
+        stop_ids=train.stop_ids(cfg, tokenizer)[0])
     metrics["time/eval"] = time.perf_counter() - start
     if jax.process_index() == 0:
         out = Path(out)

@@ -38,9 +38,11 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a chat template; it wins over the config's
 # Files that travel with a checkpoint so that transformers/vLLM can serve it (tokenizer, generation).
-COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
-                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+COMPANION_FILES = ("tokenizer.json", TOKENIZER_CONFIG_FILE, "vocab.json", "merges.txt", "tokenizer.model",
+                   "special_tokens_map.json", "added_tokens.json", CHAT_TEMPLATE_FILE, "generation_config.json")
 
 _ST_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -317,13 +319,15 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str = "float32", mesh=
 
 def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params, *, dtype: str | None = None,
                        max_shard_bytes: int = 4 << 30, overwrite: bool = False,
-                       copy_files_from: str | os.PathLike | None = None) -> Path:
+                       copy_files_from: str | os.PathLike | None = None, chat_template: str | None = None) -> Path:
     """Write params as a Hugging Face checkpoint (safetensors shards, index, config.json).
 
     dtype: tensor dtype on disk (default: config.checkpoint_dtype). The directory is built next to
     `path` and moved into place only when complete; an existing checkpoint is replaced only with
     overwrite=True. copy_files_from: a directory whose tokenizer and generation files are copied
-    along, so that the result can be served as is. Every host must call this; host 0 writes.
+    along, so that the result can be served as is. chat_template: a Jinja chat template to write instead of
+    the copied one (e.g. `tokenizer.chat_template(default_system)`: the prompt format the params were trained
+    on). Every host must call this; host 0 writes.
     """
     path = Path(path)
     disk_dtype = np.dtype(qwen2._DTYPES[dtype or config.checkpoint_dtype])
@@ -385,6 +389,8 @@ def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params, *, 
                 for companion in COMPANION_FILES:
                     if (Path(copy_files_from) / companion).is_file():
                         shutil.copy2(Path(copy_files_from) / companion, tmp / companion)
+            if chat_template is not None:
+                _write_chat_template(tmp, chat_template)
             _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -392,6 +398,15 @@ def save_hf_checkpoint(path: str | os.PathLike, config: Qwen2Config, params, *, 
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"save_hf_checkpoint {path}")
     return path
+
+
+def _write_chat_template(directory: Path, template: str) -> None:
+    """Set the chat template in tokenizer_config.json and, if there is one, in chat_template.jinja."""
+    config_file = directory / TOKENIZER_CONFIG_FILE
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config_file.write_text(json.dumps({**config, "chat_template": template}, indent=2, ensure_ascii=False))
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        (directory / CHAT_TEMPLATE_FILE).write_text(template)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -103,10 +103,11 @@ def score_group(record: PromptRecord, responses: Sequence[Sequence[int]], sample
 
 def generate_groups(model_config, params, records: Sequence[PromptRecord], tokenizer: Tokenizer, *,
                     samples_per_prompt: int, reward: RewardConfig, temperature: float, top_p: float, top_k: int,
-                    seed: int, prompt_bucket: int, mesh=None, timer: dict | None = None,
+                    seed: int, prompt_bucket: int, stop_ids: Sequence[int], mesh=None, timer: dict | None = None,
                     chunk_prompts: int = 0) -> list[Group]:
     """Sample `samples_per_prompt` answers to each record and score them (seconds spent in each
-    phase are added to timer["generate"] and timer["reward"]).
+    phase are added to timer["generate"] and timer["reward"]). An answer ends with the first of
+    `stop_ids` it samples (included in the answer) or at reward.max_response_length tokens.
 
     `chunk_prompts` > 0 caps the prompts per sampler call (its KV cache grows with prompts x
     samples x length; `python -m dapo_jax.plan` says what fits); chunk i samples with seed + i.
@@ -118,7 +119,7 @@ def generate_groups(model_config, params, records: Sequence[PromptRecord], token
         start = time.perf_counter()
         out = sampling.generate(model_config, params, [list(r.prompt_ids) for r in part],
                                 max_new_tokens=reward.max_response_length, temperature=temperature, top_p=top_p,
-                                top_k=top_k, eos_ids=tokenizer.eos_ids, num_samples=g, seed=(seed + i) % 2**32,
+                                top_k=top_k, eos_ids=stop_ids, num_samples=g, seed=(seed + i) % 2**32,
                                 mesh=mesh, prompt_bucket=prompt_bucket)
         scored = time.perf_counter()
         groups += [score_group(r, out.tokens[j * g:(j + 1) * g], out.logprobs[j * g:(j + 1) * g],

@@ -9,6 +9,9 @@ The Qwen2.5 chat format, with the default system turn its chat template adds:
     <|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n
     <|im_start|>user\\n{question}<|im_end|>\\n
     <|im_start|>assistant\\n
+
+`chat_template` writes the same format as a Jinja chat template (tokenizer_config.json's "chat_template"),
+so that transformers' `apply_chat_template` renders prompts as `render_chat` does.
 """
 
 from __future__ import annotations
@@ -43,6 +46,23 @@ def render_chat(messages: Sequence[dict], *, add_generation_prompt: bool = True,
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
+def chat_template(default_system: str | None = QWEN_DEFAULT_SYSTEM) -> str:
+    """A Jinja chat template that renders as `render_chat(messages, default_system=default_system)`.
+
+    With the Qwen default system prompt it renders system, user and assistant turns as Qwen2.5's own
+    template does (tool turns are ours: a plain "tool" turn).
+    """
+    lines = ["{%- for message in messages %}",
+             r"{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}",
+             "{%- endfor %}",
+             "{%- if add_generation_prompt %}", r"{{- '<|im_start|>assistant\n' }}", "{%- endif %}"]
+    if default_system is not None:
+        # A JSON string is a Jinja string literal: Jinja undoes the same backslash escapes.
+        system = json.dumps(f"{IM_START}system\n{default_system}{IM_END}\n", ensure_ascii=False)
+        lines = ["{%- if messages[0]['role'] != 'system' %}", f"{{{{- {system} }}}}", "{%- endif %}", *lines]
+    return "\n".join(lines)
+
+
 class Tokenizer:
     """Text <-> token ids. Subclasses implement `_encode_plain`, `decode`, `token_id`, `vocab_size`."""
 
@@ -63,9 +83,14 @@ class Tokenizer:
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
-        """Ids that end a response: end-of-text and end-of-turn, where the vocabulary has them."""
-        ids = (self.token_id(END_OF_TEXT), self.token_id(IM_END), *self._extra_eos_ids())
-        return tuple(dict.fromkeys(i for i in ids if i is not None))
+        """The tokenizer's own end-of-sequence id: the one its files declare (tokenizer_config.json's
+        eos_token, a sentencepiece model's eos piece), else <|endoftext|> where the vocabulary has it.
+        (What ends a rollout is `rollout.stop_ids`, which prefers the checkpoint's generation_config.json.)"""
+        declared = self._declared_eos_ids()
+        if declared:
+            return declared
+        end = self.token_id(END_OF_TEXT)
+        return () if end is None else (end,)
 
     @property
     def pad_id(self) -> int:
@@ -82,7 +107,7 @@ class Tokenizer:
             return [text]
         return [p for p in self._special_pattern.split(text) if p]
 
-    def _extra_eos_ids(self) -> tuple[int, ...]:
+    def _declared_eos_ids(self) -> tuple[int, ...]:
         return ()
 
     # implemented by the back ends
@@ -124,7 +149,7 @@ class HFTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def _extra_eos_ids(self) -> tuple[int, ...]:
+    def _declared_eos_ids(self) -> tuple[int, ...]:
         eos = self._config.get("eos_token")
         eos = eos.get("content") if isinstance(eos, dict) else eos
         found = self.token_id(eos) if isinstance(eos, str) else None
@@ -167,33 +192,51 @@ class SentencePieceTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
-    def _extra_eos_ids(self) -> tuple[int, ...]:
+    def _declared_eos_ids(self) -> tuple[int, ...]:
         return (self._sp.eos_id(),) if self._sp.eos_id() >= 0 else ()
 
 
 CHARACTERS = "".join(chr(c) for c in range(32, 127)) + "\n"  # printable ASCII and the newline
 
 
-def build_char_tokenizer(directory: str | os.PathLike, characters: str = CHARACTERS) -> HFTokenizer:
+def build_char_tokenizer(directory: str | os.PathLike, characters: str = CHARACTERS, *,
+                         default_system: str | None = None) -> HFTokenizer:
     """Write a character-level tokenizer.json (+ tokenizer_config.json) into `directory` and load it.
 
-    One id per character (unknown characters become <unk>, id 0), then the chat control tokens. The
+    Id 0 is reserved (named <unk>), then one id per character, then the chat control tokens. The
     built-in synthetic task uses it: a tiny model learns arithmetic far more easily one digit at a
-    time, and the vocabulary (100 ids) keeps its embedding small.
+    time, and the vocabulary (100 ids) keeps its embedding small. Its chat template renders prompts
+    as `render_chat(messages, default_system=default_system)`.
+
+    transformers reads the tokenizer of any qwen2 checkpoint as a Qwen2Tokenizer, which takes only
+    the vocabulary and merges from tokenizer.json and puts them behind its own NFC normalizer,
+    byte-level pre-tokenizer (" " becomes "Ġ", a newline "Ċ") and decoder, with no unknown token.
+    So the vocabulary is written in byte-level form behind that same pipeline, and transformers reads
+    the same ids for any text; as there, characters outside `characters` are dropped.
     """
     import tokenizers
-    from tokenizers import decoders, models
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
 
     if len(set(characters)) != len(characters):
         raise ValueError("build_char_tokenizer: `characters` repeats a character")
-    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(characters)}}
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: characters
-    tok.decoder = decoders.Fuse()
+    if not characters.isascii():
+        raise ValueError(f"build_char_tokenizer: {[c for c in characters if not c.isascii()]} are not ASCII; "
+                         f"a byte-level tokenizer reads only one-byte characters as one token each")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    pieces = [piece for c in characters for piece, _ in byte_level.pre_tokenize_str(c)]
+    tok = tokenizers.Tokenizer(models.BPE(vocab={"<unk>": 0, **{p: i + 1 for i, p in enumerate(pieces)}},
+                                          merges=[]))  # no merges: characters
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([END_OF_TEXT, IM_START, IM_END])
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": IM_END, "pad_token": END_OF_TEXT}, indent=1))
+    config = {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": IM_END, "pad_token": END_OF_TEXT,
+              "unk_token": None, "add_prefix_space": False, "clean_up_tokenization_spaces": False,
+              "chat_template": chat_template(default_system)}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False) + "\n")
     return HFTokenizer(directory / "tokenizer.json")
 
 

@@ -34,7 +34,7 @@ from dapo_jax import checkpoints, config as config_lib, dynamic_sampling, evalua
 from dapo_jax import rollout, sharding, train_step as train_step_lib
 from dapo_jax.data import datasets, synthetic
 from dapo_jax.models.loading import load_model
-from dapo_jax.tokenizer import QWEN_DEFAULT_SYSTEM, Tokenizer, load_tokenizer
+from dapo_jax.tokenizer import QWEN_DEFAULT_SYSTEM, Tokenizer, chat_template, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,38 @@ def load_policy_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
     if source.startswith("random:"):
         raise ValueError("a random model has no tokenizer files: set model.tokenizer to a tokenizer directory or file")
     return load_tokenizer(source)
+
+
+def stop_ids(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer) -> tuple[tuple[int, ...], str]:
+    """(the ids that end an answer, where they came from), for training and evaluation alike.
+
+    rollout.stop_ids when set (comma-separated ids or tokens: "151643" or "<|endoftext|>,<|im_end|>");
+    else the eos_token_id of the checkpoint's generation_config.json (what vLLM, and so verl, stops
+    on: <|endoftext|> alone for Qwen2.5 base models, so an <|im_end|> they write is part of the
+    answer, its length and its overlong penalty); else the tokenizer's own end-of-sequence id.
+    """
+    text = cfg.rollout.stop_ids.strip()
+    if text:
+        ids = []
+        for item in (t.strip() for t in text.split(",") if t.strip()):
+            found = int(item) if item.isdigit() else tokenizer.token_id(item)
+            if found is None or not 0 <= found < tokenizer.vocab_size:
+                raise config_lib.ConfigError(
+                    f"rollout.stop_ids: {item!r} is not a token id or a token of the tokenizer ({tokenizer.vocab_size} "
+                    f"ids); give ids or tokens such as '<|endoftext|>', comma-separated")
+            ids.append(found)
+        return tuple(dict.fromkeys(ids)), "rollout.stop_ids"
+    source = Path(model_source(cfg)) if not cfg.model.path.startswith("random:") else None
+    generation_config = source / "generation_config.json" if source is not None else None
+    if generation_config is not None and generation_config.is_file():
+        eos = json.loads(generation_config.read_text()).get("eos_token_id")
+        ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if ids:
+            return ids, str(generation_config)
+    if not tokenizer.eos_ids:
+        raise config_lib.ConfigError("no stop ids: the checkpoint has no generation_config.json eos_token_id and the "
+                                     "tokenizer declares no eos token; set rollout.stop_ids")
+    return tokenizer.eos_ids, "the tokenizer's eos token"
 
 
 def system_prompt(cfg: ml_collections.ConfigDict) -> str | None:
@@ -156,6 +188,10 @@ class Run:
         self.cfg, self.workdir = cfg, workdir
         self.mesh = sharding.make_mesh(**cfg.mesh)
         self.tokenizer = load_policy_tokenizer(cfg)
+        self.stop_ids, stop_source = stop_ids(cfg, self.tokenizer)
+        if jax.process_index() == 0:
+            print(f"answers end at {self.stop_ids} ({stop_source}) or after {cfg.rollout.max_response_length} tokens",
+                  flush=True)
         self.model_config, params = load_model(model_source(cfg), dtype=cfg.model.param_dtype,
                                                compute_dtype=cfg.model.compute_dtype,
                                                remat_policy=cfg.model.remat_policy, mesh=self.mesh, seed=cfg.seed)
@@ -200,7 +236,7 @@ class Run:
             self.model_config, self.state.params, records, self.tokenizer, samples_per_prompt=r.samples_per_prompt,
             reward=self.reward, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
             seed=seed_for(self.cfg.seed, step, batch_index), prompt_bucket=r.prompt_bucket, mesh=self.mesh,
-            timer=timer, chunk_prompts=r.generation_chunk)
+            stop_ids=self.stop_ids, timer=timer, chunk_prompts=r.generation_chunk)
 
     def step(self, step: int) -> dict[str, float]:
         r, timer = self.cfg.rollout, {"generate": 0.0, "reward": 0.0}
@@ -263,7 +299,7 @@ class Run:
             self.model_config, self.state.params, self.eval_records, self.tokenizer, samples_per_prompt=e.samples_per_prompt,
             temperature=e.temperature, top_p=e.top_p, max_response_length=self.cfg.rollout.max_response_length,
             prompts_per_batch=e.prompts_per_batch, seed=seed_for(self.cfg.seed, 1 << 30), mesh=self.mesh,
-            prompt_bucket=self.cfg.rollout.prompt_bucket)
+            prompt_bucket=self.cfg.rollout.prompt_bucket, stop_ids=self.stop_ids)
         metrics["time/eval"] = time.perf_counter() - start
         if jax.process_index() == 0:
             out = self.workdir / "eval" / f"step_{step}.jsonl"
@@ -370,8 +406,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
     say(f"held-out {key.removeprefix('eval/')}: {before:.4f} before training -> {after:.4f} after "
         f"({100 * (after - before):+.1f} points)", flush=True)
     if cfg.checkpoint.export_hf:
+        # The chat template is the run's prompt format (its system turn or none), whatever the base model's was.
         out = hf.save_hf_checkpoint(workdir / "hf_final", run.model_config, run.state.params, overwrite=True,
-                                    copy_files_from=_tokenizer_dir(cfg))
+                                    copy_files_from=_tokenizer_dir(cfg), chat_template=chat_template(system_prompt(cfg)))
         say(f"final policy written as a Hugging Face checkpoint to {out}", flush=True)
     return {**final, **summary}
 

@@ -18,6 +18,7 @@ format and lengths come from the embedded default config, so the checkpoint matc
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def warm_up(out: Path, *, steps: int, batch_size: int, learning_rate: float, lab
             seed: int) -> dict:
     cfg = config_lib.default_config()
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_char_tokenizer(out)
+    tokenizer = build_char_tokenizer(out, default_system=train_lib.system_prompt(cfg))  # chat template: runs' prompts
     config = model_config(tokenizer.vocab_size)
     params = qwen2.init_params(config, jax.random.key(seed))
     layout = rollout.Layout(cfg.data.max_prompt_length, cfg.rollout.max_response_length, tokenizer.pad_id)
@@ -93,6 +94,10 @@ def warm_up(out: Path, *, steps: int, batch_size: int, learning_rate: float, lab
     for name in ("config.json", "model.safetensors"):
         (out / "model" / name).replace(out / name)
     (out / "model").rmdir()
+    # Its answers end with <|im_end|> (sft_batches): what a run stops on (train.stop_ids) and transformers' generate.
+    eos = tokenizer.token_id(IM_END)
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": tokenizer.pad_id},
+                                                           indent=1) + "\n")
 
     records = train_lib.load_prompts(cfg, "eval", tokenizer)
     e = cfg.eval
@@ -100,7 +105,7 @@ def warm_up(out: Path, *, steps: int, batch_size: int, learning_rate: float, lab
                                            temperature=e.temperature, top_p=e.top_p,
                                            max_response_length=cfg.rollout.max_response_length,
                                            prompts_per_batch=e.prompts_per_batch, seed=seed,
-                                           prompt_bucket=cfg.rollout.prompt_bucket)
+                                           prompt_bucket=cfg.rollout.prompt_bucket, stop_ids=(eos,))
     print(evaluation.format_table(metrics), flush=True)
     return metrics
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from dapo_jax import config as config_lib, train
 from dapo_jax.tokenizer import (CHARACTERS, END_OF_TEXT, IM_END, IM_START, QWEN_DEFAULT_SYSTEM, HFTokenizer,
                                 SentencePieceTokenizer, build_char_tokenizer, load_tokenizer, render_chat)
 
@@ -65,10 +66,16 @@ def test_chat_control_tokens_are_single_ids(tokenizer):
     assert tokenizer.decode(ids) == "user\nhi"
 
 
-def test_end_ids_include_end_of_text_and_end_of_turn(tokenizer):
-    assert tokenizer.token_id("<|endoftext|>") in tokenizer.eos_ids
-    assert tokenizer.token_id(IM_END) in tokenizer.eos_ids
-    assert tokenizer.pad_id == tokenizer.token_id("<|endoftext|>")
+def test_the_end_id_is_the_one_the_tokenizer_declares(hf_dir, sp_file, tmp_path):
+    hf = load_tokenizer(hf_dir)
+    assert hf.eos_ids == (hf.token_id("<|endoftext|>"),) and hf.pad_id == hf.token_id("<|endoftext|>")
+    sp = load_tokenizer(sp_file)
+    assert sp.eos_ids == (sp._sp.eos_id(),)
+    (tmp_path / "tokenizer.json").write_text((hf_dir / "tokenizer.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": IM_END}))
+    assert load_tokenizer(tmp_path).eos_ids == (hf.token_id(IM_END),)
+    (tmp_path / "tokenizer_config.json").unlink()
+    assert load_tokenizer(tmp_path).eos_ids == (hf.token_id(END_OF_TEXT),)  # nothing declared
 
 
 def test_chat_format_is_qwens():
@@ -107,6 +114,52 @@ def test_char_tokenizer_is_one_id_per_character(tmp_path):
     assert len(ids) == 1 + len("user\n") + len(text) + 1
     assert tok.decode(ids, skip_special_tokens=False) == IM_START + "user\n" + text + IM_END
     assert tok.decode(ids) == "user\n" + text
-    assert set(tok.eos_ids) == {tok.token_id(IM_END), tok.token_id(END_OF_TEXT)}
+    assert tok.eos_ids == (tok.token_id(IM_END),)
     assert tok.vocab_size == len(CHARACTERS) + 4
-    assert tok.encode("é") == [0]  # unknown characters become <unk>
+    assert tok.encode("é x") == tok.encode(" x")  # other characters are dropped, as transformers drops them
+
+
+def test_char_tokenizer_needs_one_byte_characters(tmp_path):
+    with pytest.raises(ValueError, match="not ASCII"):
+        build_char_tokenizer(tmp_path, "abcé")
+
+
+def test_char_tokenizer_reads_the_same_in_transformers(tmp_path):
+    from transformers import Qwen2Tokenizer  # what transformers builds for every qwen2 checkpoint
+
+    ours = build_char_tokenizer(tmp_path)
+    theirs = Qwen2Tokenizer.from_pretrained(str(tmp_path))
+    for text in [CHARACTERS, f"{IM_START}user\n(7 + 5) * 3{IM_END}\n{END_OF_TEXT}", " lead, trail ", "é, \t, ünï"]:
+        ids = ours.encode(text)
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ids
+        assert theirs.decode(ids, skip_special_tokens=True) == ours.decode(ids)
+
+
+CONVERSATIONS = [[{"role": "user", "content": "(7 + 5) * 3"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2 + 2?"}]]
+
+
+@pytest.mark.parametrize("default_system", [None, QWEN_DEFAULT_SYSTEM, 'Say "hi",\n{{ not jinja }} \\ é 😀'])
+def test_chat_template_renders_as_render_chat(tmp_path, default_system):
+    from transformers import AutoTokenizer
+
+    build_char_tokenizer(tmp_path, default_system=default_system)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    for messages in CONVERSATIONS:
+        for add_generation_prompt in (True, False):
+            assert tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False) == (
+                render_chat(messages, add_generation_prompt=add_generation_prompt, default_system=default_system))
+
+
+def test_embedded_tokenizer_is_what_build_char_tokenizer_writes(tmp_path):
+    """`python -m dapo_jax.warmup` would write the same files, with the default run's prompt format."""
+    build_char_tokenizer(tmp_path, default_system=train.system_prompt(config_lib.default_config()))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).read_text() == (config_lib.EMBEDDED_MODEL / name).read_text(), name
+
+
+def test_embedded_tokenizer_keeps_the_ids_its_model_learned():
+    tok = load_tokenizer(config_lib.EMBEDDED_MODEL)
+    assert tok.encode(CHARACTERS) == list(range(1, len(CHARACTERS) + 1))  # " " is 1, "\n" is 96
+    assert tok.encode(END_OF_TEXT + IM_START + IM_END) == [97, 98, 99]

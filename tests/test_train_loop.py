@@ -145,7 +145,7 @@ def test_a_generation_batch_in_chunks_scores_every_prompt_in_order():
     model_config, params = load_model(train.model_source(cfg))
     records = train.load_prompts(cfg, "eval", tokenizer)[:7]
     kwargs = dict(samples_per_prompt=2, reward=rollout.RewardConfig(16), temperature=1.0, top_p=1.0, top_k=0,
-                  seed=3, prompt_bucket=8)
+                  seed=3, prompt_bucket=8, stop_ids=tokenizer.eos_ids)
     chunked = rollout.generate_groups(model_config, params, records, tokenizer, chunk_prompts=3, **kwargs)
     assert [g.record.uid for g in chunked] == [r.uid for r in records]  # 3 + 3 + 1 prompts, in order
     assert all(len(g.responses) == 2 for g in chunked)
@@ -182,3 +182,45 @@ def test_every_rung_of_the_ablation_ladder_trains(rung, tmp_path):
     step = read_metrics(tmp_path)[2]
     assert step["step"] == 2 and np.isfinite(step["actor/pg_loss"]) and step["actor/updates_applied"] >= 1
     assert ("actor/ref_kl" in step) == (rung == "grpo")
+
+
+def test_stop_ids_come_from_the_config_then_generation_config_then_the_tokenizer(tmp_path):
+    import shutil
+
+    c = small_config()
+    tokenizer = train.load_policy_tokenizer(c)
+    end_of_text, end_of_turn = tokenizer.token_id("<|endoftext|>"), tokenizer.token_id("<|im_end|>")
+    assert train.stop_ids(c, tokenizer) == ((end_of_turn,), str(config_lib.EMBEDDED_MODEL / "generation_config.json"))
+    model = tmp_path / "model"
+    shutil.copytree(config_lib.EMBEDDED_MODEL, model)
+    c.model.path = str(model)
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_of_text, end_of_turn]}))
+    assert train.stop_ids(c, tokenizer)[0] == (end_of_text, end_of_turn)
+    (model / "generation_config.json").unlink()
+    assert train.stop_ids(c, tokenizer) == ((end_of_turn,), "the tokenizer's eos token")  # tokenizer_config.json
+    c.rollout.stop_ids = "<|endoftext|>, 5"
+    assert train.stop_ids(c, tokenizer) == ((end_of_text, 5), "rollout.stop_ids")
+    c.rollout.stop_ids = "<|not_a_token|>"
+    with pytest.raises(config_lib.ConfigError, match="'<|not_a_token|>' is not a token id or a token"):
+        train.stop_ids(c, tokenizer)
+
+
+def test_generation_stops_only_on_the_stop_ids(tmp_path):
+    """The embedded model ends its answers with <|im_end|>: told to stop on <|endoftext|> only, it
+    writes past it, as a Qwen2.5 base model served by vLLM writes past its <|im_end|>."""
+    from dapo_jax import rollout
+    from dapo_jax.models.loading import load_model
+
+    c = small_config()
+    tokenizer = train.load_policy_tokenizer(c)
+    model_config, params = load_model(train.model_source(c))
+    records = train.load_prompts(c, "eval", tokenizer)[:4]
+    end_of_text, end_of_turn = tokenizer.token_id("<|endoftext|>"), tokenizer.token_id("<|im_end|>")
+    kwargs = dict(samples_per_prompt=2, reward=rollout.RewardConfig(24), temperature=1.0, top_p=1.0, top_k=0,
+                  seed=1, prompt_bucket=8)
+    turn = rollout.generate_groups(model_config, params, records, tokenizer, stop_ids=(end_of_turn,), **kwargs)
+    answers = [r for g in turn for r in g.responses]
+    assert all(r[-1] == end_of_turn and end_of_turn not in r[:-1] for r in answers if len(r) < 24)
+    text = rollout.generate_groups(model_config, params, records, tokenizer, stop_ids=(end_of_text,), **kwargs)
+    answers = [r for g in text for r in g.responses]
+    assert any(end_of_turn in r[:-1] for r in answers)  # written past, counted in the length
