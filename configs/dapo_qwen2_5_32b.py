@@ -40,6 +40,10 @@ def get_config():
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.prompt_bucket = 256
+    # Answers end where vLLM (and so verl) ends them: at the checkpoint's generation_config.json eos,
+    # which for Qwen2.5-32B base is <|endoftext|> (151643) alone. An <|im_end|> the base model writes
+    # is part of the answer and counts toward its length and overlong penalty.
+    c.rollout.stop_ids = ""
     # Prompts per sampler call: a 22,527-slot KV cache costs ~0.17 GiB per sequence per device on a
     # v5p-64 (fsdp 4 x tensor 8), so a 1,536-prompt generation batch runs as 64 calls of 24 x 16
     # answers. `python -m dapo_jax.plan --config configs/dapo_qwen2_5_32b.py --topology v5p` found it.
