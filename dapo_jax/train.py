@@ -11,12 +11,14 @@ One rollout step:
       -> mini-batch updates (jitted) -> metrics; checkpoint and evaluation on their schedules
 
 A workdir holds everything of a run: config.json, metrics.jsonl, tensorboard/, checkpoints/, eval/,
-and at the end hf_final/ (the policy as a Hugging Face checkpoint). Starting a run in a workdir
-that has checkpoints resumes from the latest one.
+and at the end hf_final/ (the policy as a Hugging Face checkpoint) and finished.json. Starting a run
+in a workdir that has checkpoints resumes from the latest one; in a finished workdir it does nothing
+unless `steps` was raised. While a run writes, its `.lock` keeps a second run out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,7 +33,7 @@ import optax
 import tqdm
 
 from dapo_jax import checkpoints, config as config_lib, dynamic_sampling, evaluation, hf, metrics as metrics_lib
-from dapo_jax import rollout, sharding, train_step as train_step_lib
+from dapo_jax import rollout, sharding, train_step as train_step_lib, workdir_lock
 from dapo_jax.data import datasets, synthetic
 from dapo_jax.models.loading import load_model
 from dapo_jax.tokenizer import QWEN_DEFAULT_SYSTEM, Tokenizer, chat_template, load_tokenizer
@@ -333,13 +335,58 @@ def _avg_key(metrics: dict) -> str:
 # -- the loop ---------------------------------------------------------------------------------------
 
 
+FINISHED = "finished.json"  # written last: a workdir holding it (for as many steps) has nothing left to do
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
           on_step_end: Callable[[int], None] | None = None) -> dict[str, float]:
-    """Train (or resume) in `workdir`; returns the last evaluation's metrics and the before/after summary."""
+    """Train (or resume) in `workdir`; returns the last evaluation's metrics and the before/after summary.
+
+    The workdir (and checkpoint.dir, when elsewhere) is locked for the run: a second run into it stops
+    with an error naming the first. A finished run is not run again unless `steps` was raised.
+    """
     config_lib.validate(cfg, jax.device_count())
     workdir = Path(workdir)
-    saved_config = workdir / "config.json"
     checkpoint_dir = checkpoints.checkpoint_dir(cfg, workdir)
+    with contextlib.ExitStack() as locks:
+        _lock_run(locks, cfg, workdir, checkpoint_dir)
+        return _train(cfg, workdir, checkpoint_dir, on_step_end)
+
+
+def _on_every_host(value: bool) -> bool:
+    """Process 0's `value`, on every process: decisions that read process 0's workdir are taken once."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.array(value)))
+
+
+def _lock_run(locks: contextlib.ExitStack, cfg, workdir: Path, checkpoint_dir) -> None:
+    """Process 0 locks the workdir (and checkpoint.dir when set elsewhere) before anything is
+    written; every process learns whether it could, so none goes on alone into the collectives."""
+    refused = None
+    if jax.process_index() == 0:
+        try:
+            locks.enter_context(workdir_lock.Lock(workdir, "workdir"))
+            if cfg.checkpoint.dir and str(checkpoint_dir) != str(workdir.absolute()):
+                locks.enter_context(workdir_lock.Lock(checkpoint_dir, "checkpoint.dir"))
+        except workdir_lock.WorkdirInUse as e:
+            refused = e
+    if _on_every_host(refused is not None):
+        raise refused or workdir_lock.WorkdirInUse("process 0 found the workdir or checkpoint.dir in use; see its error")
+
+
+def _finished(workdir: Path, steps: int) -> dict | None:
+    """The record of a run in `workdir` that finished at least `steps` steps, if there is one."""
+    path = workdir / FINISHED
+    record = json.loads(path.read_text()) if jax.process_index() == 0 and path.is_file() else None
+    done = _on_every_host(record is not None and record["step"] >= steps)
+    return (record or {"step": steps, "metrics": {}}) if done else None
+
+
+def _train(cfg, workdir: Path, checkpoint_dir, on_step_end) -> dict[str, float]:
+    saved_config = workdir / "config.json"
     if saved_config.is_file() and checkpoint_dir.is_dir():
         changed = config_lib.resume_differences(json.loads(saved_config.read_text()), cfg)
         if changed:
@@ -347,13 +394,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
                 f"{workdir} holds a run with other settings; resuming it with these would not continue it:\n  - "
                 + "\n  - ".join(changed) + f"\nuse the saved settings ({saved_config}) or a new --workdir; only "
                 f"{', '.join(config_lib.RESUMABLE_CHANGES)} may change on resume")
+    say = print if jax.process_index() == 0 else (lambda *_, **__: None)
+    finished = _finished(workdir, cfg.steps)
+    if finished is not None:
+        say(f"{workdir} holds a run that finished after {finished['step']} steps; nothing to do (raise "
+            f"--config.steps to train it further, or use another --workdir)", flush=True)
+        return finished["metrics"]
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         saved_config.write_text(cfg.to_json(indent=1))
     run = Run(cfg, workdir)
     checkpointer = checkpoints.Checkpointer(checkpoint_dir, keep=cfg.checkpoint.keep)
     latest = checkpointer.latest_step()
-    say = print if jax.process_index() == 0 else (lambda *_, **__: None)
     if latest is not None:
         run.restore(checkpointer, latest)
         say(f"resumed from {checkpoint_dir} at step {latest}", flush=True)
@@ -410,6 +462,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
         out = hf.save_hf_checkpoint(workdir / "hf_final", run.model_config, run.state.params, overwrite=True,
                                     copy_files_from=_tokenizer_dir(cfg), chat_template=chat_template(system_prompt(cfg)))
         say(f"final policy written as a Hugging Face checkpoint to {out}", flush=True)
+    if jax.process_index() == 0:
+        tmp = workdir / f"{FINISHED}.tmp"
+        tmp.write_text(json.dumps({"step": run.host.step, "metrics": {**final, **summary}}, indent=1))
+        tmp.replace(workdir / FINISHED)
     return {**final, **summary}
 
 

@@ -65,6 +65,15 @@ def test_a_run_logs_checkpoints_and_exports(tmp_path):
     assert len((tmp_path / "evaluated" / "samples.jsonl").read_text().splitlines()) == 8 * 2
     assert "eval/all/pass@2" in evaluate.evaluate(small_config(), tmp_path / "hf_final", tmp_path / "from_hf")
 
+    # Run again, the finished workdir is left as it is; with more steps it trains on.
+    metrics_before = (tmp_path / "metrics.jsonl").read_text()
+    events = sorted((tmp_path / "tensorboard").iterdir())
+    assert train.train(small_config(steps=3), tmp_path)["summary/avg@2_after"] == out["summary/avg@2_after"]
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics_before
+    assert sorted((tmp_path / "tensorboard").iterdir()) == events
+    train.train(small_config(steps=4), tmp_path)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 3, 4, 4]
+
 
 def test_stop_and_resume_gives_the_same_parameters_as_never_stopping(tmp_path):
     train.train(small_config(steps=4), tmp_path / "straight")
@@ -224,3 +233,33 @@ def test_generation_stops_only_on_the_stop_ids(tmp_path):
     text = rollout.generate_groups(model_config, params, records, tokenizer, stop_ids=(end_of_text,), **kwargs)
     answers = [r for g in text for r in g.responses]
     assert any(end_of_turn in r[:-1] for r in answers)  # written past, counted in the length
+
+
+HOLD_LOCK = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("workdir_lock", sys.argv[1])
+workdir_lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(workdir_lock)
+with workdir_lock.Lock(sys.argv[2]):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_run_into_a_workdir_in_use_is_refused_before_writing(tmp_path):
+    import subprocess
+    import sys
+
+    from dapo_jax import workdir_lock
+
+    first = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, workdir_lock.__file__, str(tmp_path)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        with pytest.raises(workdir_lock.WorkdirInUse, match=f"workdir {tmp_path} is in use by pid {first.pid}"):
+            train.train(small_config(), tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing of the second run's
+    finally:
+        first.stdin.close()
+        first.wait(timeout=30)
+    assert not (tmp_path / ".lock").exists()
