@@ -153,6 +153,23 @@ def ablation(cfg: ml_collections.ConfigDict, rung: str) -> ml_collections.Config
     return c
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+    """A run's saved config.json as a config: the defaults, overlaid with every value it saved (a field
+    added since keeps its default, one removed since is ignored)."""
+    cfg = default_config()
+
+    def overlay(node: ml_collections.ConfigDict, values: dict):
+        for key, value in values.items():
+            if key not in node:
+                continue
+            if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+                overlay(node[key], value)
+            else:
+                node[key] = value
+    overlay(cfg, saved)
+    return cfg
+
+
 def load_config_file(path: str | Path):
     """The module of an ml_collections config file (its get_config, and whatever else it defines)."""
     import importlib.util

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dapo_jax import config as config_lib, sampling, sharding, train, train_step as train_step_lib
+from dapo_jax import cli, config as config_lib, sampling, sharding, train, train_step as train_step_lib
 from dapo_jax.models import loading, qwen2
 
 GIB = 2**30
@@ -75,8 +75,9 @@ def slice_shape(chips: int, dims: int) -> tuple[int, ...]:
 class Target:
     name: str  # as asked, e.g. v5p-128
     devices: list
-    hbm_bytes: int | None  # per device; None when unknown (CPU)
+    hbm_bytes: int | None  # per device (CPU devices: their share of this host's memory); None when unknown
     topology: str  # e.g. v5p:4x4x4
+    memory: str = "HBM"  # what hbm_bytes measures
 
     @property
     def kind(self) -> str:
@@ -87,11 +88,27 @@ class Target:
         return len({d.process_index for d in self.devices})
 
 
+def host_memory_bytes() -> int:
+    """This host's memory: the physical memory, or the container's limit (cgroup v2 or v1) where lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max": no limit
+            total = min(total, int(text))
+    return total
+
+
 def target(topology: str, slices: int = 1) -> Target:
     """The devices of `topology`: an accelerator type (v5p-128, v4-32, v5e-8, v6e-8), a topology
     (v5p:4x4x4), or "cpu" for the devices of this process."""
     if topology == "cpu":
         devices = jax.devices()
+        if devices[0].platform == "cpu":  # the devices share this host's memory
+            return Target(topology, devices, host_memory_bytes() // len(devices),
+                          f"{len(devices)} x {devices[0].device_kind}", memory="host memory")
         return Target(topology, devices, None, f"{len(devices)} x {devices[0].device_kind}")
     m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", topology)
     t = re.fullmatch(r"(v4|v5p|v5e|v6e):(\d+(?:x\d+)+)", topology)
@@ -259,7 +276,7 @@ class Plan:
 
     @property
     def fits(self) -> bool | None:
-        """Whether the peak stays under HEADROOM of the HBM (None: no HBM figure, e.g. a CPU)."""
+        """Whether the peak stays under HEADROOM of the device's memory (None: no figure for it, e.g. a GPU)."""
         if self.train.error or self.sampler.error:
             return False
         return None if self.target.hbm_bytes is None else self.peak <= HEADROOM * self.target.hbm_bytes
@@ -400,11 +417,11 @@ def suggestions(plan: Plan) -> list[str]:
     if plan.fits is not False:
         return []
     out = [f"set {k}={v}" for k, v in proposals(plan).items()]
-    m, hbm = plan.mesh_shape, plan.target.hbm_bytes
+    m = plan.mesh_shape
     if m["data"] > 1:
         out.append(f"parameters and optimizer state ({plan.state / GIB:.2f} GiB per device) shrink with more fsdp: "
                    f"move devices from mesh.data={m['data']} to mesh.fsdp")
-    if hbm:
+    if plan.target.kind in HBM_GIB:
         out.append(f"or use a larger slice: `--topology {re.sub(r'-.*|:.*', '', plan.target.topology)}` searches "
                    f"for the smallest that fits")
     return out
@@ -479,7 +496,7 @@ def report(plan: Plan, config_name: str) -> str:
     t, m = plan.target, plan.mesh_shape
     cfg = plan.cfg
     n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(qwen2.abstract_params(plan.model)))
-    hbm = f"{t.hbm_bytes / GIB:.2f} GiB HBM each" if t.hbm_bytes else "memory: this machine's"
+    hbm = f"{t.hbm_bytes / GIB:.2f} GiB {t.memory} each" if t.hbm_bytes else "memory: this machine's"
     lines = [
         f"plan: {config_name} on {t.name} ({len(t.devices)} x {t.kind}, {t.hosts} host(s), {hbm}; "
         f"topology {t.topology})",
@@ -503,7 +520,7 @@ def report(plan: Plan, config_name: str) -> str:
     lines += _program_lines("sampler", plan.sampler, "other temps", max(plan.sampler.temp - plan.kv_cache, 0),
                             "sampler peak (with optimizer state)", plan.sampler_peak)
     if t.hbm_bytes:
-        lines.append(f"  HBM                                  {_gib(t.hbm_bytes)}")
+        lines.append(f"  {t.memory:<37}{_gib(t.hbm_bytes)}")
     if plan.fits is None:
         verdict = f"peak {plan.peak / GIB:.2f} GiB per device (no HBM figure for {t.kind}: compare with its memory)"
     elif plan.train.error or plan.sampler.error:
@@ -536,9 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     from dapo_jax import sweep
 
     try:
-        path, arg = sweep.split_config_arg(args.config)
-        module = config_lib.load_config_file(path)
-        cfg = module.get_config(arg) if arg is not None else module.get_config()
+        cfg = cli.load_config(args.config)
         for item in args.set:
             key, eq, value = item.partition("=")
             if not eq:

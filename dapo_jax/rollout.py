@@ -55,6 +55,7 @@ class Group:
     truncated: list[bool]  # hit max_response_length without an end-of-sequence id
     old_logp: list[np.ndarray] | None = None  # float32, under the parameters that generated them
     ref_logp: list[np.ndarray] | None = None  # float32, under the reference policy (only with a KL penalty)
+    entropy_sums: list[float] | None = None  # per answer, the sum over its tokens of the generating policy's entropy
     step: int = 0  # the rollout step that generated it (a carried group's age is the current step minus this)
 
     @property
@@ -178,57 +179,71 @@ def advantages(groups: Sequence[Group], rows: int, *, norm_by_std: bool) -> np.n
 
 
 def make_logprob_fn(model_config, *, temperature: float, chunk_rows: int, mesh=None):
-    """`logprobs(policies, tokens, attention_mask) -> [len(policies), rows, width]`: log pi(tokens[t] |
-    tokens[<t]) under each parameter tree in `policies` (the old policy, and the reference policy
-    when there is a KL penalty), in one compiled call per `chunk_rows` rows (rows are padded up to a
-    multiple of chunk_rows)."""
+    """`logprobs(policies, tokens, attention_mask) -> (logp [len(policies), rows, width], entropy
+    [rows, width])`: log pi(tokens[t] | tokens[<t]) under each parameter tree in `policies` (the old
+    policy, and the reference policy when there is a KL penalty) and the entropy of the first one's
+    distribution at each position, in one compiled call per `chunk_rows` rows (rows are padded up to
+    a multiple of chunk_rows)."""
     def fn(policies, t, m):
-        return jnp.stack([token_logprobs(model_config, p, t, m, temperature)[0] for p in policies])
+        (logp, entropy), *others = [token_logprobs(model_config, p, t, m, temperature) for p in policies]
+        return jnp.stack([logp] + [other[0] for other in others]), entropy
 
     if mesh is None:
         jitted = jax.jit(fn)
     else:
         rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-        out_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
-        sharded = jax.jit(fn, in_shardings=(None, rows_sharding, rows_sharding), out_shardings=out_sharding)
+        stacked_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+        sharded = jax.jit(fn, in_shardings=(None, rows_sharding, rows_sharding),
+                          out_shardings=(stacked_sharding, rows_sharding))
 
         def jitted(policies, t, m):
             return sharded(policies, sharding.host_to_global(t, rows_sharding),
                            sharding.host_to_global(m, rows_sharding))
 
-    def logprobs(policies, tokens: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def logprobs(policies, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = tokens.shape[0]
         padded = -(-n // chunk_rows) * chunk_rows
         pad = ((0, padded - n), (0, 0))
         tokens, attention_mask = np.pad(tokens, pad), np.pad(attention_mask, pad)
-        chunks = []
+        logp, entropy = [], []
         for start in range(0, padded, chunk_rows):
             part = jitted(tuple(policies), tokens[start:start + chunk_rows], attention_mask[start:start + chunk_rows])
-            chunks.append(sharding.to_host(part))
-        return np.concatenate(chunks, axis=1)[:, :n]
+            logp.append(sharding.to_host(part[0]))
+            entropy.append(sharding.to_host(part[1]))
+        return np.concatenate(logp, axis=1)[:, :n], np.concatenate(entropy)[:n]
 
     return logprobs
 
 
 def attach_logprobs(groups: Sequence[Group], params, logprob_fn, layout: Layout, ref_params=None) -> None:
     """Fill the fresh groups' (those without old_logp) old_logp with log-probs under `params` (the
-    parameters that generated them) and, given `ref_params`, their ref_logp under the reference
-    policy, both in the same pass over their rows."""
+    parameters that generated them), their entropy_sums, and given `ref_params` their ref_logp under
+    the reference policy, all in the same pass over their rows."""
     todo = [g for g in groups if g.old_logp is None]
     if not todo:
         return
     rows = sum(len(g.responses) for g in todo)
     batch = pack(todo, layout, rows)
     policies = (params,) if ref_params is None else (params, ref_params)
-    logp = logprob_fn(policies, batch["tokens"], batch["attention_mask"])
+    logp, entropy = logprob_fn(policies, batch["tokens"], batch["attention_mask"])
     p, row = layout.max_prompt_length, 0
     for g in todo:
-        g.old_logp, g.ref_logp = [], None if ref_params is None else []
+        g.old_logp, g.ref_logp, g.entropy_sums = [], None if ref_params is None else [], []
         for response in g.responses:
-            g.old_logp.append(np.asarray(logp[0, row, p:p + len(response)], np.float32))
+            span = slice(p, p + len(response))
+            g.old_logp.append(np.asarray(logp[0, row, span], np.float32))
+            g.entropy_sums.append(float(np.sum(entropy[row, span], dtype=np.float64)))
             if ref_params is not None:
-                g.ref_logp.append(np.asarray(logp[1, row, p:p + len(response)], np.float32))
+                g.ref_logp.append(np.asarray(logp[1, row, span], np.float32))
             row += 1
+
+
+def entropy_before_update(groups: Sequence[Group]) -> float:
+    """The token mean, over the groups' answers, of the entropy of the policy that generated them (the
+    reference logs this as actor/entropy); NaN without groups."""
+    known = [g for g in groups if g.entropy_sums is not None]  # (carried groups saved before it was recorded)
+    tokens = sum(g.num_tokens for g in known)
+    return sum(sum(g.entropy_sums) for g in known) / tokens if tokens else float("nan")
 
 
 def _per_token(groups: Sequence[Group], field: str, layout: Layout, rows: int) -> np.ndarray:

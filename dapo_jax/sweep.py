@@ -46,7 +46,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from dapo_jax import config as config_lib
+from dapo_jax import cli, config as config_lib
 from dapo_jax.metrics import read_metrics
 
 PRESET = "preset"
@@ -140,30 +140,21 @@ def _convert(key: str, text: str, current):
 
 
 def set_field(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
+    problem = cli.unknown_field(cfg, key)
+    if problem:
+        raise SweepError(problem)
     *path, leaf = key.split(".")
     node = cfg
-    section = lambda v: isinstance(v, ml_collections.ConfigDict)  # noqa: E731
-    for i, part in enumerate(path):
-        if part not in node or not section(node[part]):
-            raise SweepError(f"unknown config field {key!r}: {'.'.join(path[:i + 1])!r} is not a section "
-                             f"(sections: {', '.join(k for k, v in node.items() if section(v))})")
+    for part in path:
         node = node[part]
-    if leaf not in node or section(node[leaf]):
-        fields = ", ".join(sorted(k for k, v in node.items() if not section(v)))
-        raise SweepError(f"unknown config field {key!r}; the fields there are: {fields}")
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+        raise SweepError(f"{key} is a section, not a field; set its fields one by one: "
+                         f"{', '.join(f'{key}.{k}' for k in sorted(node[leaf].keys()))}")
     node[leaf] = _convert(key, text, node[leaf])
 
 
-def split_config_arg(config: str) -> tuple[Path, str | None]:
-    """`path[:arg]` (ml_collections' spelling) -> (path, arg)."""
-    path, colon, arg = config.partition(":")
-    if not Path(path).is_file():
-        raise SweepError(f"--config {config!r}: no config file at {path}")
-    return Path(path), (arg if colon else None)
-
-
 def build_config(config: str, spec: RunSpec) -> ml_collections.ConfigDict:
-    path, arg = split_config_arg(config)
+    path, arg = cli.split_config_arg(config)
     module = config_lib.load_config_file(path)
     preset = dict(spec.overrides).get(PRESET)
     takes_arg = bool(inspect.signature(module.get_config).parameters)
@@ -249,7 +240,7 @@ def run_all(config: str, specs: list[RunSpec], workdir: Path, train_fn=None) -> 
 def train_command(config: str, spec: RunSpec, workdir: Path, launcher: str = "") -> str:
     """The one-run command (the same run this sweep would do): `python -m dapo_jax.train ...`, or with
     `launcher` (e.g. "launch/tpu.sh --name dapo --zone us-east5-a") its `run` on a TPU slice."""
-    path, arg = split_config_arg(config)
+    path, arg = cli.split_config_arg(config)
     preset = dict(spec.overrides).get(PRESET, arg)
     config_flag = f"--config={path}" + (f":{preset}" if preset is not None else "")
     workdir_flag = f"--workdir={workdir / spec.name}"
@@ -509,7 +500,7 @@ def write_report(specs: list[RunSpec], workdir: Path, status: dict[str, str] | N
 
 def sweep_specs(config: str, sweep: str | None, seeds: int | None) -> list[RunSpec]:
     """The runs `--config/--sweep/--seeds` ask for (the config file's SWEEP / SEEDS fill the gaps)."""
-    path, _ = split_config_arg(config)
+    path, _ = cli.split_config_arg(config)
     module = config_lib.load_config_file(path)
     sweep = sweep if sweep is not None else getattr(module, "SWEEP", "")
     seeds = seeds if seeds is not None else getattr(module, "SEEDS", 1)
@@ -536,11 +527,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = sweep_specs(args.config, args.sweep, args.seeds)
         if args.dry_run:
+            for spec in specs:  # every run's fields and values checked before any command is printed
+                build_config(args.config, spec)
             for spec in specs:
                 print(train_command(args.config, spec, workdir, args.launch))
             return 0
         status = {} if args.report_only else run_all(args.config, specs, workdir)
-    except SweepError as e:
+    except (SweepError, config_lib.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report = write_report(specs, workdir, status)

@@ -35,7 +35,7 @@ import tqdm
 from dapo_jax import checkpoints, config as config_lib, dynamic_sampling, evaluation, hf, metrics as metrics_lib
 from dapo_jax import rollout, sharding, train_step as train_step_lib, workdir_lock
 from dapo_jax.data import datasets, synthetic
-from dapo_jax.models.loading import load_model
+from dapo_jax.models.loading import check_model_path, load_model
 from dapo_jax.tokenizer import QWEN_DEFAULT_SYSTEM, Tokenizer, chat_template, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ def model_source(cfg: ml_collections.ConfigDict) -> str:
 
 
 def load_policy_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
+    check_model_path(cfg.model.path)  # before its tokenizer is looked for: "no tokenizer" would mislead
     source = cfg.model.tokenizer or model_source(cfg)
     if source.startswith("random:"):
         raise ValueError("a random model has no tokenizer files: set model.tokenizer to a tokenizer directory or file")
@@ -103,8 +104,16 @@ def synthetic_task(cfg: ml_collections.ConfigDict) -> synthetic.SyntheticTask:
                                    operators=s.operators, eval_fraction=s.eval_fraction, instruction=s.instruction)
 
 
-def load_prompts(cfg: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer) -> list[datasets.PromptRecord]:
-    """The train or eval split's prompt records (files validated, deduplicated and tokenised)."""
+def load_prompts(cfg: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer,
+                 counts: dict | None = None) -> list[datasets.PromptRecord]:
+    """The train or eval split's prompt records (files validated, deduplicated and tokenised); what was
+    dropped or cut on the way is added to `counts` (data/<split>_rows_read, _duplicates_dropped,
+    _bad_rows_skipped, _prompts_truncated) when given."""
+    counts = {} if counts is None else counts
+
+    def count(name: str, n: int):
+        counts[f"data/{split}_{name}"] = counts.get(f"data/{split}_{name}", 0) + n
+
     spec = cfg.data.train if split == "train" else cfg.data.eval
     d = cfg.data
     encode = dict(max_prompt_length=d.max_prompt_length, truncation=d.truncation, system_prompt=system_prompt(cfg))
@@ -115,8 +124,8 @@ def load_prompts(cfg: ml_collections.ConfigDict, split: str, tokenizer: Tokenize
         # The evaluation problems do not depend on the run's seed, so runs with different seeds compare.
         rows = synthetic.rows(synthetic_task(cfg), split, n, seed=cfg.seed if split == "train" else 0,
                               unique=split == "eval")
-        records, _ = datasets.encode_rows(rows, tokenizer,
-                                          origin_prefix=f"synthetic:{split}:", **encode)
+        records, truncated = datasets.encode_rows(rows, tokenizer, origin_prefix=f"synthetic:{split}:", **encode)
+        count("prompts_truncated", truncated)
     else:
         records = []
         for path in (p.strip() for p in spec.split(",") if p.strip()):
@@ -124,8 +133,11 @@ def load_prompts(cfg: ml_collections.ConfigDict, split: str, tokenizer: Tokenize
             if jax.process_index() == 0:
                 print(f"{path}: {loaded.num_read} rows read, {loaded.duplicates_dropped} duplicate prompts dropped, "
                       f"{loaded.bad_rows_skipped} bad rows skipped, {len(loaded.rows)} kept", flush=True)
-            part, _ = datasets.encode_rows(loaded.rows, tokenizer, origin_prefix=f"{path}:",
-                                           row_numbers=loaded.row_numbers, **encode)
+            part, truncated = datasets.encode_rows(loaded.rows, tokenizer, origin_prefix=f"{path}:",
+                                                   row_numbers=loaded.row_numbers, **encode)
+            for name, n in (("rows_read", loaded.num_read), ("duplicates_dropped", loaded.duplicates_dropped),
+                            ("bad_rows_skipped", loaded.bad_rows_skipped), ("prompts_truncated", truncated)):
+                count(name, n)
             records.extend(part)
         if split == "eval" and d.eval_problems:
             records = records[:d.eval_problems]
@@ -207,8 +219,9 @@ class Run:
         if self.tokenizer.vocab_size > self.model_config.vocab_size:
             raise config_lib.ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model only "
                                          f"{self.model_config.vocab_size}; use the model's own tokenizer")
-        self.train_records = load_prompts(cfg, "train", self.tokenizer)
-        self.eval_records = load_prompts(cfg, "eval", self.tokenizer)
+        self.data_counts: dict[str, int] = {}  # logged with the first record of the run
+        self.train_records = load_prompts(cfg, "train", self.tokenizer, self.data_counts)
+        self.eval_records = load_prompts(cfg, "eval", self.tokenizer, self.data_counts)
         self.stream = datasets.PromptStream(self.train_records, seed=cfg.seed)
 
         self.layout = rollout.Layout(cfg.data.max_prompt_length, r.max_response_length, self.tokenizer.pad_id)
@@ -268,6 +281,10 @@ class Run:
         updates_before = int(self.state.updates)
         self.state, step_metrics = self.train_step(self.state, batch)
         step_metrics = {f"actor/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
+        # The reference's actor/entropy is the generating policy's, on the batch, before any update; the
+        # entropy the loss saw during the updates is kept beside it.
+        step_metrics["actor/entropy_in_update"] = step_metrics.pop("actor/entropy")
+        step_metrics["actor/entropy"] = rollout.entropy_before_update(collected.groups)
         update_seconds = time.perf_counter() - t
 
         self.carry = collected.carry
@@ -414,7 +431,7 @@ def _train(cfg, workdir: Path, checkpoint_dir, on_step_end) -> dict[str, float]:
 
     if run.host.eval_before is None:
         run.host.eval_before = run.evaluate(0)
-        writer.write(0, run.host.eval_before)
+        writer.write(0, {**run.data_counts, **run.host.eval_before})
         say(f"held-out evaluation before training:\n{evaluation.format_table(run.host.eval_before)}", flush=True)
 
     bar = tqdm.tqdm(total=cfg.steps, initial=run.host.step, desc="rollout steps", disable=jax.process_index() != 0,
@@ -498,12 +515,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags
 
-    config_flags.DEFINE_config_file("config", str(Path(config_lib.__file__)), "a config file (get_config())",
-                                    lock_config=True)
+    from dapo_jax import cli
+
     flags.DEFINE_string("workdir", "", "the run's directory; a fresh one under runs/ by default. A workdir with "
                                        "checkpoints resumes from the latest")
     sharding.define_distributed_flags()
-    app.run(main)
+    cli.run(main)

@@ -128,6 +128,53 @@ def test_unsupported_suffix_and_missing_file(tmp_path):
         load_rows(tmp_path / "nope.parquet")
 
 
+def test_a_directory_named_like_a_data_file_is_said_to_be_one(tmp_path):
+    (tmp_path / "data.jsonl").mkdir()
+    write_jsonl(tmp_path / "data.jsonl" / "part-0.jsonl", [dapo_row("a")])
+    with pytest.raises(IsADirectoryError, match=r"data\.jsonl is a directory, not a file; point data\.train / data\."
+                                                r"eval at a \.parquet or \.jsonl file \(it holds part-0\.jsonl\)"):
+        load_rows(tmp_path / "data.jsonl")
+
+
+def test_a_json_error_names_the_files_line_and_column(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [dapo_row("a"), "", '{"problem": "q, "answer": 1}'])
+    with pytest.raises(DataError, match=r"train\.jsonl: row 2: is not valid JSON: Expecting ',' delimiter at line 3 "
+                                        r"column 18; fix the row"):
+        load_rows(path)
+    write_jsonl(path, ['{"problem": "unterminated'])  # json's message ends in "starting at"
+    with pytest.raises(DataError, match=r"row 0: is not valid JSON: Unterminated string starting at line 1 column 13;"):
+        load_rows(path)
+
+
+def test_a_byte_that_is_not_utf8_names_the_line_and_column_and_can_be_skipped(tmp_path):
+    path = tmp_path / "train.jsonl"
+    good = json.dumps({"problem": "q", "answer": 1}).encode()
+    path.write_bytes(good + b'\n{"problem": "caf\xe9", "answer": 2}\n' + good.replace(b"q", b"r") + b"\n")
+    with pytest.raises(DataError, match=r"train\.jsonl: row 1: is not UTF-8 text: byte 0xe9 at line 2 column 17 "
+                                        rf"\(byte offset {len(good) + 17} in the file; save the file as UTF-8\); "
+                                        r"fix the row, or set data\.skip_bad_rows=True"):
+        load_rows(path)
+    loaded = load_rows(path, skip_bad_rows=True)
+    assert (loaded.num_read, loaded.bad_rows_skipped, loaded.row_numbers) == (3, 1, [0, 2])
+
+
+def test_a_byte_order_mark_before_the_first_row_is_not_an_error(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"problem": "q", "answer": 1}).encode() + b"\r\n")
+    assert len(load_rows(path).rows) == 1
+
+
+def test_a_parquet_string_that_is_not_utf8_is_a_bad_row(tmp_path):
+    problems = pa.array([b"q", b"caf\xe9", b"r"], pa.binary()).view(pa.string())  # pyarrow does not check
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"problem": problems, "answer": ["1", "2", "3"]}), path)
+    with pytest.raises(DataError, match=r"train\.parquet: row 1: column 'problem' holds a string that is not UTF-8 "
+                                        r"text \(byte 0xe9 at byte 3 of the string\); fix the row"):
+        load_rows(path)
+    loaded = load_rows(path, skip_bad_rows=True)
+    assert (loaded.num_read, loaded.bad_rows_skipped, loaded.row_numbers) == (3, 1, [0, 2])
+
+
 def test_encode_renders_the_chat_and_keeps_the_answer():
     row = dapo_row("What is 2 + 2?", answer="4")
     (record,), truncated = encode_rows([row], CharTokenizer(), max_prompt_length=10_000, origin_prefix="f.parquet:")

@@ -5,6 +5,7 @@ import jax
 import pytest
 
 from dapo_jax import config as config_lib, plan, sharding, train, train_step
+from dapo_jax.models import loading
 
 
 @pytest.mark.parametrize("topology, shape", [
@@ -38,7 +39,8 @@ def small_config(**changes):
 def test_the_plan_counts_the_bytes_the_real_sharded_state_holds():
     cfg = small_config()
     p = plan.make_plan(cfg, "cpu")  # the 8 forced CPU devices
-    assert p.mesh_shape == {"data": 1, "fsdp": 8, "tensor": 1} and p.fits is None  # no HBM figure for a CPU
+    assert p.mesh_shape == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert p.target.hbm_bytes == plan.host_memory_bytes() // 8 and p.fits is not None  # the devices share the host
     mesh = sharding.make_mesh(**cfg.mesh)
     model_config, params = train.load_model(train.model_source(cfg), dtype="float32", mesh=mesh)
     state = train_step.init_train_state(params, train.make_update(cfg, model_config, mesh).optimizer)
@@ -77,6 +79,22 @@ def test_a_config_that_does_not_fit_is_told_so_and_made_to_fit():
     fitted, changes = plan.fit(cfg, "v5e-4", say=lambda *a, **k: None)
     assert fitted.fits is True and 1 <= changes["eval.prompts_per_batch"] < 2048
     assert fitted.sampler_peak <= fitted.target.hbm_bytes
+
+
+def test_a_cpu_plan_is_judged_against_this_hosts_memory(monkeypatch):
+    monkeypatch.setattr(plan, "host_memory_bytes", lambda: 8 * 2 * plan.GIB)  # 2 GiB for each of the 8 devices
+    t = plan.target("cpu")
+    assert (t.hbm_bytes, t.memory) == (2 * plan.GIB, "host memory")
+    cfg = small_config()
+    compiled = plan.Compiled(1.0, argument=plan.GIB, output=0, temp=2 * plan.GIB, alias=0)
+    p = plan.Plan(cfg, t, {"data": 1, "fsdp": 8, "tensor": 1}, loading.random_config("tiny"), "random:tiny",
+                  params=plan.GIB // 4, opt_state=plan.GIB // 2, batch=0, train=compiled, sampler=compiled,
+                  sampler_phase="rollout", sampler_prompts=32, sampler_samples=8, sampler_sequences=256,
+                  sampler_length=96, kv_cache=plan.GIB, kv_cache_per_sequence=plan.GIB / 256)
+    text = plan.report(p, "big")
+    assert p.fits is False and "  host memory                              2.000" in text
+    assert "DOES NOT FIT: peak 3.50 GiB of 2.00 GiB per device (175%; a plan fits under 95%)" in text
+    assert "larger slice" not in text  # a TPU's suggestion
 
 
 def test_the_command_line_reports_and_exits_by_the_verdict(capsys):

@@ -41,14 +41,24 @@ def test_overrides_take_the_fields_type_and_unknown_fields_are_named():
                                            (("steps", "7"),), seed=5))
     assert cfg.optim.learning_rate == 1e-4 and cfg.rollout.dynamic_sampling is False and cfg.steps == 7
     assert cfg.seed == 5
-    with pytest.raises(SweepError, match="unknown config field 'optim.learning_rat'.*learning_rate"):
+    with pytest.raises(SweepError, match=r"unknown config field optim\.learning_rat \(did you mean "
+                                         r"optim\.learning_rate\?\); optim has: grad_clip, learning_rate, "):
         sweep.build_config(TINY, RunSpec((("optim.learning_rat", "1"),), (), 0))
-    with pytest.raises(SweepError, match="'optimizer' is not a section"):
+    with pytest.raises(SweepError, match="unknown config field optimizer.lr; the config has: .*sections: .*optim"):
         sweep.build_config(TINY, RunSpec((("optimizer.lr", "1"),), (), 0))
+    with pytest.raises(SweepError, match="data.synthetic is a section, not a field; .* data.synthetic.max_ops"):
+        sweep.build_config(TINY, RunSpec((("data.synthetic", "1"),), (), 0))
     with pytest.raises(SweepError, match="steps='ten': the field holds a int"):
         sweep.build_config(TINY, RunSpec((("steps", "ten"),), (), 0))
     with pytest.raises(SweepError, match="no 'preset' to sweep"):
         sweep.build_config(TINY, RunSpec((("preset", "grpo"),), (), 0))
+
+
+def test_a_dry_run_refuses_unknown_fields_before_printing_any_command(tmp_path, capsys):
+    argv = ["--config", TINY, "--workdir", str(tmp_path), "--dry-run", "--sweep", "steps=3;rollout.not_a_field=1,2"]
+    assert sweep.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: unknown config field rollout.not_a_field; rollout has: carry_over,")
 
 
 def test_the_ladder_presets_are_the_ablation_rungs_on_the_ladder_task():

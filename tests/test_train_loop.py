@@ -40,6 +40,7 @@ def test_a_run_logs_checkpoints_and_exports(tmp_path):
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [0, 1, 2, 3, 3]
     assert "eval/all/avg@2" in records[0] and "eval/all/avg@2" in records[2]  # before training, and every 2 steps
+    assert records[0]["data/train_prompts_truncated"] == 0 and "data/eval_prompts_truncated" in records[0]
     for key in ("rollout/acc_mean", "rollout/reward_mean", "rollout/response_length_mean", "rollout/truncated_frac",
                 "actor/entropy", "actor/token_prob", "actor/clip_frac_high", "actor/clip_frac_low", "actor/approx_kl",
                 "actor/grad_norm", "actor/lr", "dynamic_sampling/gen_batches", "dynamic_sampling/filtered_frac",
@@ -47,6 +48,8 @@ def test_a_run_logs_checkpoints_and_exports(tmp_path):
                 "time/old_logp", "time/update", "rollout/logp_mismatch"):
         assert key in records[1], key
     assert records[1]["rollout/logp_mismatch"] < 1e-4  # the sampler and the trainer agree on log-probs
+    # the generating policy's entropy on the batch (the reference's actor/entropy) and the updates' mean
+    assert records[1]["actor/entropy"] == pytest.approx(records[1]["actor/entropy_in_update"], rel=0.05)
     assert records[1]["actor/updates_applied"] == 2
     summary = records[-1]
     assert summary["summary/avg@2_after"] == out["summary/avg@2_after"] == summary["eval/all/avg@2"]
@@ -59,10 +62,15 @@ def test_a_run_logs_checkpoints_and_exports(tmp_path):
     assert any(not np.array_equal(a, b) for a, b in zip(params_of(tmp_path), embedded))  # it trained
     assert (tmp_path / "hf_final" / "tokenizer.json").is_file()
 
-    # The evaluation entry point on the run's latest checkpoint reproduces the run's final evaluation.
-    again = evaluate.evaluate(small_config(), tmp_path, tmp_path / "evaluated")
+    # The evaluation entry point on the run's latest checkpoint, with the run's own data and settings
+    # (its config.json, not the default's 200 problems x 8 samples), reproduces the run's final evaluation,
+    # and writes beside it.
+    again = evaluate.evaluate(None, tmp_path)
     assert again["eval/all/avg@2"] == summary["eval/all/avg@2"]
-    assert len((tmp_path / "evaluated" / "samples.jsonl").read_text().splitlines()) == 8 * 2
+    (written,) = (tmp_path / "eval_results").iterdir()
+    assert written.name.startswith("latest-") and len((written / "samples.jsonl").read_text().splitlines()) == 8 * 2
+    fewer = evaluate.evaluate(None, tmp_path, tmp_path / "one", overrides={"eval.samples_per_prompt": 1})
+    assert "eval/all/avg@1" in fewer and len((tmp_path / "one" / "samples.jsonl").read_text().splitlines()) == 8
     assert "eval/all/pass@2" in evaluate.evaluate(small_config(), tmp_path / "hf_final", tmp_path / "from_hf")
 
     # Run again, the finished workdir is left as it is; with more steps it trains on.
@@ -121,8 +129,11 @@ def test_file_data_is_validated_deduplicated_and_tokenised(tmp_path):
     c = small_config()
     c.data.train, c.data.max_prompt_length = str(path), 400
     tokenizer = train.load_policy_tokenizer(c)
-    records = train.load_prompts(c, "train", tokenizer)
+    counts = {}
+    records = train.load_prompts(c, "train", tokenizer, counts)
     assert [r.ground_truth for r in records] == ["5", "6"]  # the repeated prompt is dropped
+    assert counts == {"data/train_rows_read": 3, "data/train_duplicates_dropped": 1,
+                      "data/train_bad_rows_skipped": 0, "data/train_prompts_truncated": 0}  # logged at step 0
     assert tokenizer.decode(records[0].prompt_ids).rstrip().endswith("assistant")
 
     c.data.max_prompt_length, c.data.truncation = 40, "error"

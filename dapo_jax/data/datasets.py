@@ -8,7 +8,7 @@ Rows use the layout of DAPO-Math-17k and AIME-2024 (parquet files, one row per p
     reward_model  {"ground_truth": "34", "style": "rule"}
     extra_info    {"index": ..., (AIME also) "raw_problem": ..., "split": ...}
 
-A `.jsonl` file holds one row per line, either in that layout or as a plain
+A `.jsonl` file (UTF-8) holds one row per line, either in that layout or as a plain
 `{"problem": str, "answer": str | int}`, which becomes a user turn in DAPO-Math-17k's wording
 (`PROBLEM_TEMPLATE`). Every row is validated when read; the published 17k set repeats each prompt about
 100 times, so rows are deduplicated by prompt text, keeping the first occurrence.
@@ -18,6 +18,7 @@ A `.jsonl` file holds one row per line, either in that layout or as a plain
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
@@ -80,6 +81,11 @@ def load_rows(path: str | Path, *, skip_bad_rows: bool = False, dedup: bool = Tr
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; data files must end in one of {SUFFIXES}")
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in SUFFIXES)[:5]
+        held = f" (it holds {', '.join(inside)})" if inside else ""
+        raise IsADirectoryError(f"data file {path} is a directory, not a file; point data.train / data.eval at a "
+                                f"{' or '.join(SUFFIXES)} file{held}")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist; check the path in the data config")
     rows, row_numbers, seen = [], [], set()
@@ -118,21 +124,49 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, object]]:
         batches = pq.ParquetFile(path).iter_batches(batch_size=65_536)
         index = 0
         for batch in batches:  # in batches, so only the unique rows of a large file are ever held
-            for raw in batch.to_pylist():
+            try:
+                raws = batch.to_pylist()
+            except UnicodeDecodeError:  # a string that is not UTF-8 spoils its row, not the batch
+                raws = [_parquet_row(batch, i) for i in range(batch.num_rows)]
+            for raw in raws:
                 yield index, raw
                 index += 1
     except pa.ArrowException as e:
         raise DataError(f"{path} cannot be read as parquet ({e}); check that the file is complete") from e
 
 
+def _parquet_row(batch, i: int) -> dict | _BadRow:
+    row = {}
+    for name, column in zip(batch.schema.names, batch.columns):
+        try:
+            row[name] = column[i].as_py()
+        except UnicodeDecodeError as e:
+            return _BadRow(f"column {name!r} holds a string that is not UTF-8 text (byte 0x{e.object[e.start]:02x} "
+                           f"at byte {e.start} of the string)")
+    return row
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
-    with path.open(encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if line.strip():
+    # Read as bytes and decoded line by line, so a byte that is not UTF-8 spoils its row, not the file.
+    # Lines end at "\n" (JSON Lines; a "\r" before it is whitespace to JSON).
+    with path.open("rb") as f:
+        offset = 0  # of the line's first byte in the file
+        for index, raw in enumerate(f):
+            body = raw.removeprefix(codecs.BOM_UTF8) if index == 0 else raw  # some editors begin with a BOM
+            start, offset = offset + len(raw) - len(body), offset + len(raw)
+            try:
+                text = body.decode("utf-8").rstrip()  # leading whitespace kept: JSON's columns stay the file's
+            except UnicodeDecodeError as e:
+                column = len(body[:e.start].decode("utf-8")) + 1
+                yield index, _BadRow(f"is not UTF-8 text: byte 0x{body[e.start]:02x} at line {index + 1} column "
+                                     f"{column} (byte offset {start + e.start} in the file; save the file as UTF-8)")
+                continue
+            if text:
                 try:
-                    yield index, json.loads(line)
+                    yield index, json.loads(text)
                 except json.JSONDecodeError as e:
-                    yield index, _BadRow(f"(line {index + 1}) is not valid JSON: {e.msg} at column {e.colno}")
+                    where = "" if e.msg.endswith(" at") else " at"  # "Unterminated string starting at"
+                    yield index, _BadRow(f"is not valid JSON: {e.msg}{where} line {index + 1} column {e.colno}")
 
 
 def _to_dapo_row(raw: object, *, default_source: str, index: int) -> dict:

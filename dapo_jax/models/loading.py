@@ -8,10 +8,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 
 from dapo_jax import hf
 from dapo_jax.models import qwen2
+
+_MODEL_PATH_HINT = ("point it at a Hugging Face directory (config.json, *.safetensors, tokenizer.json), 'embedded' "
+                    "or 'random:<preset>'")
 
 # Short names accepted after "random:<preset>," for the config fields people change most.
 _SHORT = {"vocab": "vocab_size", "hidden": "hidden_size", "mlp": "intermediate_size", "layers": "num_hidden_layers",
@@ -42,9 +47,21 @@ def random_config(spec: str, **runtime) -> qwen2.Qwen2Config:
         raise ValueError(f"model spec {spec!r}: {e}; short names are {sorted(_SHORT)}") from None
 
 
+def check_model_path(path: str) -> None:
+    """Raise FileNotFoundError (NotADirectoryError for a file), saying what model.path takes, unless `path`
+    is "embedded", "random:<spec>" or an existing directory (whose files the checkpoint reader checks)."""
+    if path == "embedded" or path.startswith("random:"):
+        return
+    if not Path(path).exists():
+        raise FileNotFoundError(f"model.path {path} does not exist: {_MODEL_PATH_HINT}")
+    if not Path(path).is_dir():
+        raise NotADirectoryError(f"model.path {path} is a file, not a directory: {_MODEL_PATH_HINT}")
+
+
 def load_model(source: str, *, dtype: str = "float32", compute_dtype: str | None = None, remat_policy: str = "none",
                mesh=None, seed: int = 0):
     """(config, params) for a checkpoint directory or a "random:<spec>" model."""
+    check_model_path(source)
     if source.startswith("random:"):
         config = random_config(source.removeprefix("random:"), param_dtype=dtype, dtype=compute_dtype or dtype,
                                remat_policy=remat_policy)
