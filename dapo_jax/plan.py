@@ -1,15 +1,16 @@
 """Will a config fit? Compile the train step and the sampler ahead of time for a TPU slice (or this
 machine's devices) from shapes alone, and report per-device memory before anything is launched.
 
-    python -m dapo_jax.plan --config configs/dapo_qwen2_5_32b.py --topology v5p-256
+    python -m dapo_jax.plan --config configs/dapo_qwen2_5_32b.py --topology v5p-64
     python -m dapo_jax.plan --config configs/qwen2_5_0_5b.py --topology v5e-8      # one 8-chip host
     python -m dapo_jax.plan --config configs/synthetic_tiny.py --topology cpu      # the devices here
 
 No weights are read and no TPU is needed: `jax[tpu]` (libtpu) compiles for a topology description
 (`pip install -e '.[tpu]'`). XLA's own memory analysis of the compiled programs gives the figures;
 the parameter, optimizer-state and KV-cache lines are the bytes each device holds under the run's
-shardings. The train state (parameters and AdamW moments) stays on the devices all run long, so
-each phase's peak is the state plus what that phase adds:
+shardings. The train state (parameters and AdamW moments) stays on the devices all run long, and so
+does the reference policy when there is a KL penalty (a frozen copy of the parameters), so each
+phase's peak is the state plus what that phase adds:
 
     train step   state + batch + activations (XLA temp)     + outputs not aliased to the donated state
     sampler      state + prompts + KV cache and other temps + outputs
@@ -223,6 +224,8 @@ def train_batch_shapes(cfg: ml_collections.ConfigDict, rows: int, mesh) -> dict:
     width = cfg.data.max_prompt_length + cfg.rollout.max_response_length
     sharded = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     shapes = {"tokens": jnp.int32, "attention_mask": jnp.int32, "loss_mask": jnp.int32, "old_logp": jnp.float32}
+    if cfg.algorithm.kl_coef:
+        shapes["ref_logp"] = jnp.float32
     batch = {k: jax.ShapeDtypeStruct((rows, width), dtype, sharding=sharded) for k, dtype in shapes.items()}
     batch["advantages"] = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sharded)
     return batch
@@ -245,6 +248,7 @@ class Plan:
     model_source: str
     params: int
     opt_state: int
+    ref_params: int  # the reference policy's copy of the parameters (0 without a KL penalty)
     batch: int
     train: Compiled
     sampler: Compiled
@@ -258,17 +262,18 @@ class Plan:
 
     @property
     def state(self) -> int:
-        return self.params + self.opt_state
+        return self.params + self.opt_state + self.ref_params
 
     @property
     def train_peak(self) -> int:
-        # arguments hold the state and the batch; the state's outputs alias its donated inputs
-        return self.train.peak
+        # arguments hold the state and the batch; the state's outputs alias its donated inputs; the
+        # reference parameters sit beside them
+        return self.train.peak + self.ref_params
 
     @property
     def sampler_peak(self) -> int:
-        # the sampler's arguments hold the parameters; the optimizer state sits beside them
-        return self.sampler.peak + self.opt_state
+        # the sampler's arguments hold the parameters; the optimizer state and the reference sit beside them
+        return self.sampler.peak + self.opt_state + self.ref_params
 
     @property
     def peak(self) -> int:
@@ -312,7 +317,8 @@ def largest_sampler_call(cfg: ml_collections.ConfigDict, mesh, *, on_cpu: bool) 
 # not change: the train step does not see the sampler's chunk, and the other way round).
 _SAMPLER_ONLY = ("rollout.generation_chunk", "rollout.gen_prompts_per_batch", "eval.prompts_per_batch",
                  "eval.samples_per_prompt")
-_TRAIN_ONLY = ("optim.microbatch_size", "optim.minibatch_size", "model.remat_policy")
+_TRAIN_ONLY = ("optim.microbatch_size", "optim.minibatch_size", "model.remat_policy", "algorithm.kl_coef",
+               "algorithm.kl_estimator")
 
 
 def _key(cfg: ml_collections.ConfigDict, leave_out: tuple[str, ...]) -> str:
@@ -367,7 +373,8 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: str, *, slices: int = 1,
     sequences = call.rows * call.samples
     cache = kv_cache_bytes(model_cfg, sequences, length, mesh)
     return Plan(cfg, tgt, dict(mesh.shape), model_cfg, source, bytes_on_device(params),
-                bytes_on_device(state.opt_state), bytes_on_device(batch), train_compiled, sampler_compiled,
+                bytes_on_device(state.opt_state), bytes_on_device(params) if cfg.algorithm.kl_coef else 0,
+                bytes_on_device(batch), train_compiled, sampler_compiled,
                 call.phase, call.prompts, call.samples, sequences, length, cache, cache / sequences)
 
 
@@ -512,13 +519,15 @@ def report(plan: Plan, config_name: str) -> str:
         "per device                                   GiB",
         f"  parameters                           {_gib(plan.params)}",
         f"  optimizer state (AdamW moments)      {_gib(plan.opt_state)}",
+        *([f"  reference policy (KL penalty)        {_gib(plan.ref_params)}"] if plan.ref_params else []),
         f"  train step: batch                    {_gib(plan.batch)}",
     ]
     lines += _program_lines("train step", plan.train, "activations and temps", plan.train.temp,
                             "train step peak", plan.train_peak)
     lines.append(f"  sampler: KV cache                    {_gib(plan.kv_cache)}")
     lines += _program_lines("sampler", plan.sampler, "other temps", max(plan.sampler.temp - plan.kv_cache, 0),
-                            "sampler peak (with optimizer state)", plan.sampler_peak)
+                            "sampler peak (with optimizer state" + (", reference)" if plan.ref_params else ")"),
+                            plan.sampler_peak)
     if t.hbm_bytes:
         lines.append(f"  {t.memory:<37}{_gib(t.hbm_bytes)}")
     if plan.fits is None:

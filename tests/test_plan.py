@@ -60,6 +60,16 @@ def test_the_plan_counts_the_bytes_the_real_sharded_state_holds():
         c.kv_head_dim * 4 // 8
 
 
+def test_a_kl_penalty_counts_the_reference_policy_and_its_log_probs():
+    without = plan.make_plan(small_config(), "v5p-8")
+    p = plan.make_plan(small_config(algorithm__kl_coef=0.001), "v5p-8", previous=without)
+    assert without.ref_params == 0 and p.ref_params == p.params > 0  # a frozen copy, sharded as the params
+    assert p.batch > without.batch  # the batch carries ref_logp
+    assert p.sampler_peak == without.sampler_peak + p.ref_params  # the same sampler program, the reference beside it
+    assert p.train_peak >= p.train.peak + p.ref_params
+    assert "reference policy (KL penalty)" in plan.report(p, "grpo")
+
+
 def test_a_tpu_slice_is_planned_without_a_tpu():
     p = plan.make_plan(small_config(), "v5p-8")  # 4 chips of TPU v5p, compiled here by libtpu
     assert p.target.kind == "TPU v5" and len(p.target.devices) == 4 and p.mesh_shape["fsdp"] == 4
@@ -88,7 +98,7 @@ def test_a_cpu_plan_is_judged_against_this_hosts_memory(monkeypatch):
     cfg = small_config()
     compiled = plan.Compiled(1.0, argument=plan.GIB, output=0, temp=2 * plan.GIB, alias=0)
     p = plan.Plan(cfg, t, {"data": 1, "fsdp": 8, "tensor": 1}, loading.random_config("tiny"), "random:tiny",
-                  params=plan.GIB // 4, opt_state=plan.GIB // 2, batch=0, train=compiled, sampler=compiled,
+                  params=plan.GIB // 4, opt_state=plan.GIB // 2, ref_params=0, batch=0, train=compiled, sampler=compiled,
                   sampler_phase="rollout", sampler_prompts=32, sampler_samples=8, sampler_sequences=256,
                   sampler_length=96, kv_cache=plan.GIB, kv_cache_per_sequence=plan.GIB / 256)
     text = plan.report(p, "big")
