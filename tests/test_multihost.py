@@ -64,10 +64,13 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
     # approx_kl is a mean of differences of O(1) log-probs, so its float32 rounding is absolute: ~1e-7
     # per token whatever its value (seen: 1.5e-7 apart at approx_kl = -5e-4, with identical rollouts).
     atol = {"actor/approx_kl": 1e-6}
+    # grad_norm sums the squares of every gradient entry, reduced in another order over two processes:
+    # seen 1.7e-5 apart (relative) at step 3 with the same rollouts.
+    rtol = {"actor/grad_norm": 5e-5}
     for a, b in zip(two, one):
         for key in LOSSES + ("eval/all/avg@2",):
             if key in b:
-                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=atol.get(key, 1e-7),
+                np.testing.assert_allclose(a[key], b[key], rtol=rtol.get(key, 1e-5), atol=atol.get(key, 1e-7),
                                            err_msg=f"step {b['step']} {key}")
     # The gradients are summed across processes by gloo instead of in one process, so float32 sums can
     # differ in their last bits; Adam divides each update by its gradient's own scale, so for a
