@@ -17,6 +17,7 @@ from pathlib import Path
 import ml_collections
 
 from dapo_jax.algorithm import AGG_MODES, KL_ESTIMATORS
+from dapo_jax.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from dapo_jax.dynamic_sampling import ON_LIMIT
 
 EMBEDDED_MODEL = Path(__file__).parent / "assets" / "synthetic_tiny"
@@ -37,6 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.compute_dtype = "float32"
     c.model.remat_policy = "none"
+    c.model.attention = "auto"  # "auto" (splash on TPU, blockwise elsewhere), "blockwise", "splash" or "dense"
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "synthetic"  # "synthetic" or comma-separated .parquet / .jsonl files
@@ -204,6 +206,8 @@ def problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
     r, a, o, rw, d = cfg.rollout, cfg.algorithm, cfg.optim, cfg.reward, cfg.data
     if cfg.steps < 0:
         out.append(f"steps={cfg.steps} must be >= 0")
+    if cfg.model.attention not in ATTENTION_IMPLEMENTATIONS:
+        out.append(f"model.attention={cfg.model.attention!r}: use one of {ATTENTION_IMPLEMENTATIONS}")
     if not 0.0 <= a.clip_low < 1.0:
         out.append(f"algorithm.clip_low={a.clip_low} must be in [0, 1) (the paper: 0.2)")
     if not 0.0 <= a.clip_high <= 1.0:

@@ -42,7 +42,8 @@ def _orbax_step(path: Path) -> tuple[Path, int | None, Path | None] | None:
 def load_policy(cfg: ml_collections.ConfigDict, checkpoint: str | Path, mesh):
     """(model config, params) from a Hugging Face directory or an orbax training checkpoint."""
     path = Path(checkpoint)
-    kwargs = dict(dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype, mesh=mesh)
+    kwargs = dict(dtype=cfg.model.param_dtype, compute_dtype=cfg.model.compute_dtype, attention=cfg.model.attention,
+                  mesh=mesh)
     orbax = _orbax_step(path)
     if orbax is None:
         if not (path / "config.json").is_file():

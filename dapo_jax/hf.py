@@ -280,7 +280,7 @@ def read_config(path: str | os.PathLike, **runtime) -> Qwen2Config:
 
 
 def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str = "float32", mesh=None, compute_dtype: str | None = None,
-                       remat_policy: str = "none"):
+                       remat_policy: str = "none", attention: str = "auto"):
     """(config, params) from a Hugging Face Qwen2/Qwen2.5 checkpoint directory.
 
     dtype: the parameters' dtype; compute_dtype (default: dtype) the activations'. With a mesh,
@@ -289,7 +289,8 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: str = "float32", mesh=
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
-    config = read_config(path, param_dtype=dtype, dtype=compute_dtype or dtype, remat_policy=remat_policy)
+    config = read_config(path, param_dtype=dtype, dtype=compute_dtype or dtype, remat_policy=remat_policy,
+                         attention=attention)
     tensors = _tensor_index(path)
     _check_tensors(config, tensors)
     reader = _SafetensorsReader(tensors)

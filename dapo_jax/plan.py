@@ -148,7 +148,7 @@ def model_config(cfg: ml_collections.ConfigDict, override: str = "") -> tuple[qw
     """(the model's config, where its shapes come from) without reading any weights."""
     source = override or (train.model_source(cfg) if cfg.model.path == "embedded" else cfg.model.path)
     runtime = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.compute_dtype,
-                   remat_policy=cfg.model.remat_policy)
+                   remat_policy=cfg.model.remat_policy, attention=cfg.model.attention)
     if source.startswith("random:"):
         return loading.random_config(source.removeprefix("random:"), **runtime), source
     if (Path(source) / "config.json").is_file():

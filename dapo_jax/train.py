@@ -208,7 +208,8 @@ class Run:
                   flush=True)
         self.model_config, params = load_model(model_source(cfg), dtype=cfg.model.param_dtype,
                                                compute_dtype=cfg.model.compute_dtype,
-                                               remat_policy=cfg.model.remat_policy, mesh=self.mesh, seed=cfg.seed)
+                                               remat_policy=cfg.model.remat_policy, attention=cfg.model.attention,
+                                               mesh=self.mesh, seed=cfg.seed)
         r = cfg.rollout
         length = config_lib.sequence_length(cfg)
         if length > self.model_config.max_position_embeddings:

@@ -57,6 +57,7 @@ def problems_with(devices=1, **changes):
     (dict(rollout__on_gen_batch_limit="wait"), "rollout.on_gen_batch_limit='wait'"),
     (dict(data__truncation="right"), "data.truncation='right'"),
     (dict(rollout__top_p=0.0), "rollout.top_p=0.0 must be in (0, 1]"),
+    (dict(model__attention="flash"), "model.attention='flash': use one of ('auto', 'dense', 'blockwise', 'splash')"),
     (dict(algorithm__clip_high=5.0), "algorithm.clip_high=5.0 must be in [0, 1] (the paper: 0.28)"),
     (dict(algorithm__kl_coef=-0.01), "algorithm.kl_coef=-0.01 must be >= 0"),
     (dict(algorithm__kl_estimator="low_var"), "algorithm.kl_estimator='low_var': use one of ('k1', 'k2', 'k3')"),

@@ -59,12 +59,12 @@ def check_model_path(path: str) -> None:
 
 
 def load_model(source: str, *, dtype: str = "float32", compute_dtype: str | None = None, remat_policy: str = "none",
-               mesh=None, seed: int = 0):
+               attention: str = "auto", mesh=None, seed: int = 0):
     """(config, params) for a checkpoint directory or a "random:<spec>" model."""
     check_model_path(source)
     if source.startswith("random:"):
         config = random_config(source.removeprefix("random:"), param_dtype=dtype, dtype=compute_dtype or dtype,
-                               remat_policy=remat_policy)
+                               remat_policy=remat_policy, attention=attention)
         return config, qwen2.init_params(config, jax.random.key(seed), mesh=mesh)
     return hf.load_hf_checkpoint(source, dtype=dtype, compute_dtype=compute_dtype, remat_policy=remat_policy,
-                                 mesh=mesh)
+                                 attention=attention, mesh=mesh)

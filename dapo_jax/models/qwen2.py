@@ -10,10 +10,12 @@ Grouped-query attention: query head h reads kv head h // (heads / kv_heads). q, 
 biases, o has none. Every parameter and main activation carries logical axis names that
 `dapo_jax.sharding` maps to mesh axes.
 
-Two modes share one code path. Without a cache the T input tokens attend causally to each other.
-With a `KVCache` the T tokens are written at slots [cache_index, cache_index + T) of a
-preallocated cache and attend to every earlier valid slot: prefill is T = prompt length,
-a decode step is T = 1.
+Two modes share one code path. Without a cache (and for a prefill: a cache the T tokens fill from
+slot 0) the T input tokens attend causally to each other within their segment, through
+`dapo_jax.attention` and the implementation the config names (blockwise, splash on TPU, ...): no
+[T, T] mask or score matrix is built. With a `KVCache` the T tokens are written at slots
+[cache_index, cache_index + T) of a preallocated cache and, for a decode step (T = 1), attend to
+every earlier valid slot.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dapo_jax import sharding
+from dapo_jax import attention, sharding
 from dapo_jax.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -71,6 +73,7 @@ class Qwen2Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    attention: str = "auto"  # a name of dapo_jax.attention.IMPLEMENTATIONS
     # config.json keys we do not model (architectures, max_window_layers, ...), kept for saving.
     hf_extra_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
@@ -130,6 +133,8 @@ class Qwen2Config:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {sorted(_DTYPES)}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r} is not one of {attention.IMPLEMENTATIONS}")
 
     # -- Hugging Face config.json ---------------------------------------------------------------
 
@@ -398,11 +403,12 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxE, positions_BxT, mask_BxTxS, cache: KVCache | None = None, layer=None,
-                 cache_index=None):
+                 cache_index=None, segment_ids_BxT=None):
         """Attention output, and the cache with this layer's new keys/values written in place.
 
         With a cache, the T new keys and values go to slots [cache_index, cache_index + T) of layer
-        `layer`; only those slots are written, so a decode step costs no copy of the cache.
+        `layer`; only those slots are written, so a decode step costs no copy of the cache. Given
+        `segment_ids_BxT` (and no mask) the T tokens attend to each other alone, segment by segment.
         """
         c = self.config
         E, H, K, D, dtype = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.kv_head_dim, c.compute_dtype
@@ -433,15 +439,20 @@ class Attention(nn.Module):
                 k_BxKxDxS = jax.lax.dynamic_index_in_dim(k_BxKxDxS, layer, keepdims=False)
                 v_BxKxSxD = jax.lax.dynamic_index_in_dim(v_BxKxSxD, layer, keepdims=False)
             # Attend over the slots the mask covers; it may be shorter than the cache (the sampler
-            # leaves the not-yet-written end out).
-            span = mask_BxTxS.shape[-1]
-            k_BxKxDxS, v_BxKxSxD = k_BxKxDxS[..., :span], v_BxKxSxD[:, :, :span]
+            # leaves the not-yet-written end out). A prefill attends to its own T tokens alone.
+            if mask_BxTxS is not None:
+                span = mask_BxTxS.shape[-1]
+                k_BxKxDxS, v_BxKxSxD = k_BxKxDxS[..., :span], v_BxKxSxD[:, :, :span]
         else:
             k_BxKxDxS, v_BxKxSxD = k_BxKxDxT, v_BxKxTxD
 
         B, T = x_BxTxE.shape[:2]
         q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
-        out_BxTxKxGxD = attend(q_BxTxKxGxD, k_BxKxDxS.astype(dtype), v_BxKxSxD.astype(dtype), mask_BxTxS)
+        if segment_ids_BxT is not None:
+            out_BxTxKxGxD = attention.attention(q_BxTxKxGxD, k_BxTxKxD, v_BxKxTxD.transpose(0, 2, 1, 3),
+                                                segment_ids_BxT, implementation=c.attention)
+        else:
+            out_BxTxKxGxD = attend(q_BxTxKxGxD, k_BxKxDxS.astype(dtype), v_BxKxSxD.astype(dtype), mask_BxTxS)
         out_BxTxHxD = constrain(out_BxTxKxGxD.reshape(B, T, H, D), ("batch", "length", "heads", "head_dim"))
         y_BxTxE = Linear(c, "btf,fe->bte", (H, D, E), ("heads", "head_dim", "embed"), flat_input=True,
                          name="o_proj")(out_BxTxHxD.reshape(B, T, H * D))
@@ -470,11 +481,11 @@ class DecoderLayer(nn.Module):
     config: Qwen2Config
 
     @nn.compact
-    def __call__(self, carry, layer, positions_BxT, mask_BxTxS, cache_index):
+    def __call__(self, carry, layer, positions_BxT, mask_BxTxS, cache_index, segment_ids_BxT=None):
         x_BxTxE, cache = carry
         h_BxTxE = RMSNorm(self.config, name="input_layernorm")(x_BxTxE)
         attn_BxTxE, cache = Attention(self.config, name="self_attn")(
-            h_BxTxE, positions_BxT, mask_BxTxS, cache, layer, cache_index)
+            h_BxTxE, positions_BxT, mask_BxTxS, cache, layer, cache_index, segment_ids_BxT)
         x_BxTxE = x_BxTxE + attn_BxTxE
         x_BxTxE = x_BxTxE + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x_BxTxE))
         return (x_BxTxE, cache), None
@@ -501,7 +512,7 @@ class Qwen2ForCausalLM(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c)
@@ -522,19 +533,32 @@ class Qwen2ForCausalLM(nn.Module):
         return project_to_vocab(self.config, head_VxE, hidden_BxTxE)
 
     def __call__(self, tokens_BxT, positions_BxT, attention_mask_BxS, cache: KVCache | None = None,
-                 cache_index=0, *, return_hidden: bool = False):
+                 cache_index=0, *, segment_ids_BxT=None, return_hidden: bool = False):
         """Logits [B, T, vocab] in float32 (or final hidden states), and the updated cache.
 
         attention_mask_BxS marks real tokens (1) and padding (0) over the key slots: the T inputs
         without a cache; with one, the first S slots of the cache (including the T being written),
-        and attention reads only those S slots.
+        and attention reads only those S slots. segment_ids_BxT, for the T inputs alone (no cache,
+        or a prefill from slot 0), separates sequences packed into one row (default: the mask, so
+        padding and the sequence are two segments).
         """
         x_BxTxE = self.embed(tokens_BxT)
-        mask_BxTxS = causal_mask(attention_mask_BxS, tokens_BxT.shape[1], cache_index)
+        T = tokens_BxT.shape[1]
+        self_attention = cache is None or (isinstance(cache_index, int) and cache_index == 0
+                                           and attention_mask_BxS.shape[1] == T)
+        if self_attention:
+            mask_BxTxS = None
+            if segment_ids_BxT is None:
+                segment_ids_BxT = attention_mask_BxS.astype(jnp.int32)
+        else:
+            if segment_ids_BxT is not None:
+                raise ValueError("segment_ids apply to the inputs attending to each other (no cache, or a prefill "
+                                 "from slot 0), not to a decode step")
+            mask_BxTxS = causal_mask(attention_mask_BxS, T, cache_index)
         if cache is not None:
             cache = cache.constrain()
         (x_BxTxE, cache), _ = self.layers((x_BxTxE, cache), jnp.arange(self.config.num_hidden_layers),
-                                          positions_BxT, mask_BxTxS, cache_index)
+                                          positions_BxT, mask_BxTxS, cache_index, segment_ids_BxT)
         return self.head(x_BxTxE, return_hidden), cache
 
 
@@ -565,7 +589,7 @@ def apply_unrolled(config: Qwen2Config, params, layers: list, head_ExV, tokens_B
     new_caches = []
     for layer_params, cache in zip(layers, caches, strict=True):
         (x_BxTxE, cache), _ = DecoderLayer(config).apply({"params": layer_params}, (x_BxTxE, cache), None,
-                                                         positions_BxT, mask_BxTxS, cache_index)
+                                                         positions_BxT, mask_BxTxS, cache_index, None)
         new_caches.append(cache)
     hidden_BxTxE = model.apply({"params": params}, x_BxTxE, return_hidden=True, method=Qwen2ForCausalLM.head)
     return project_to_vocab(config, head_ExV, hidden_BxTxE, vocab_axis=1), new_caches

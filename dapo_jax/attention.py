@@ -1,0 +1,266 @@
+"""Causal self-attention over padded or packed rows: one function, several implementations.
+
+    out_BxTxKxGxD = attention(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, implementation="auto")
+
+Query t of a row sees key s when both belong to the same segment and s <= t:
+
+    visible(t, s) = segment_ids[t] == segment_ids[s]  and  s <= t
+
+A row is one left-padded sequence (padding is segment 0, the sequence segment 1) or several
+sequences packed one after another (segments 1, 2, ... and the padding after them). No token
+attends across a segment boundary. q holds G query heads per kv head (grouped-query attention);
+scores are scaled by 1/sqrt(D), softmax is taken in float32.
+
+Implementations, chosen by name (`IMPLEMENTATIONS`):
+
+    dense      the plain einsum: [B, K, G, T, T] float32 scores. The reference the others are tested
+               against; memory grows with T^2.
+    blockwise  pure JAX, flash-style: queries and keys in blocks, an online softmax over key blocks
+               and a custom VJP that recomputes each block's scores in the backward pass, so no more
+               than one [block_q, block_kv] block of scores per head exists at a time. Key blocks
+               entirely above the causal diagonal are skipped. The default off TPU and GPU.
+    splash     TPU: the Pallas splash-attention kernel (causal mask + segment ids, forward and
+               backward), run per device inside `shard_map` (a Pallas kernel cannot be partitioned
+               automatically): rows split over the batch axes, kv heads over the tensor axis.
+    auto       splash on TPU, blockwise elsewhere (GPUs too, until a cuDNN path for packed rows
+               is measured on one).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from dapo_jax import sharding
+
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "splash")
+BLOCK = 512  # the blockwise implementation's default query and key block (tokens)
+_FLOOR = float(jnp.finfo(jnp.float32).min)  # masked scores: finite, so a row that sees nothing stays NaN-free
+
+
+def attention(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, implementation: str = "auto",
+              block_q: int = BLOCK, block_kv: int = BLOCK):
+    """softmax(q k^T / sqrt(D) + causal segment mask) v, in q's dtype."""
+    impl = resolve(implementation)
+    if impl == "dense":
+        return dense(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
+    if impl == "blockwise":
+        return blockwise(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, block_q=block_q, block_kv=block_kv)
+    return splash(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
+
+
+def resolve(implementation: str) -> str:
+    """The implementation "auto" stands for on the platform being compiled for: the active mesh's
+    devices (a TPU topology compiled ahead of time on a CPU host is TPU), else the default backend."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+    if implementation != "auto":
+        return implementation
+    return "splash" if target_platform() == "tpu" else "blockwise"
+
+
+def target_platform() -> str:
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
+
+
+def visible(segment_ids_BxT):
+    """[B, T, T] bool: query t sees key s (same segment, s <= t)."""
+    T = segment_ids_BxT.shape[1]
+    causal_TxT = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
+    return causal_TxT[None] & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+
+
+# -- dense: the reference ---------------------------------------------------------------------------
+
+
+def dense(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT):
+    D, dtype = q_BxTxKxGxD.shape[-1], q_BxTxKxGxD.dtype
+    scores_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxTxKxD, preferred_element_type=jnp.float32)
+    mask_BxTxS = visible(segment_ids_BxT)
+    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS * D**-0.5, _FLOOR)
+    weights_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", weights_BxKxGxTxS, v_BxTxKxD,
+                      preferred_element_type=jnp.float32).astype(dtype)
+
+
+# -- blockwise: flash attention in pure JAX ---------------------------------------------------------
+
+
+def blockwise(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, block_q: int = BLOCK,
+              block_kv: int = BLOCK):
+    """Flash-style attention: exact (the same softmax, accumulated per key block), with memory for
+    one [block_q, block_kv] block of scores per head instead of [T, T]. T is padded up to a common
+    multiple of the blocks; padded queries and keys see nothing of the real ones."""
+    B, T = segment_ids_BxT.shape
+    bq, bk = min(block_q, T), min(block_kv, T)
+    padded = -(-T // _lcm(bq, bk)) * _lcm(bq, bk)
+    if padded != T:
+        pad = padded - T
+        q_BxTxKxGxD = jnp.pad(q_BxTxKxGxD, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+        k_BxTxKxD, v_BxTxKxD = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k_BxTxKxD, v_BxTxKxD))
+        # Padded slots get an id no real slot has: each sees only the padded slots before it.
+        segment_ids_BxT = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)),
+                                  constant_values=jnp.iinfo(segment_ids_BxT.dtype).min)
+    out = _flash(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, bq, bk)
+    return out[:, :T]
+
+
+def _lcm(a: int, b: int) -> int:
+    import math
+
+    return a * b // math.gcd(a, b)
+
+
+def _block(x, index, size, axis=1):
+    return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
+
+
+def _block_scores(q_i, k_j, seg_i, seg_j, i, j, bq, bk):
+    """[B, K, G, bq, bk] float32 scaled scores of query block i against key block j, masked."""
+    D = q_i.shape[-1]
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * D**-0.5
+    causal = (j * bk + jnp.arange(bk))[None, :] <= (i * bq + jnp.arange(bq))[:, None]
+    mask_Bxqxs = causal[None] & (seg_i[:, :, None] == seg_j[:, None, :])
+    return jnp.where(mask_Bxqxs[:, None, None], s, _FLOOR), mask_Bxqxs
+
+
+def _needed(i, j, bq, bk):
+    """Whether key block j has any key at or before query block i's last query (causality)."""
+    return j * bk <= i * bq + bq - 1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, seg, bq, bk):
+    return _flash_forward(q, k, v, seg, bq, bk)[0]
+
+
+def _flash_forward(q, k, v, seg, bq, bk):
+    B, T, K, G, D = q.shape
+    nq, nk = T // bq, T // bk
+
+    def query_block(i):
+        q_i, seg_i = _block(q, i, bq), _block(seg, i, bq)
+
+        def key_block(carry, j):
+            def compute(carry):
+                m, l, acc = carry
+                s, _ = _block_scores(q_i, _block(k, j, bk), seg_i, _block(seg, j, bk), i, j, bq, bk)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                p = jnp.exp(s - m_new[..., None])
+                correction = jnp.exp(m - m_new)
+                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), _block(v, j, bk),
+                                preferred_element_type=jnp.float32)
+                return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
+            return jax.lax.cond(_needed(i, j, bq, bk), compute, lambda c: c, carry), None
+
+        init = (jnp.full((B, K, G, bq), _FLOOR, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
+                jnp.zeros((B, K, G, bq, D), jnp.float32))
+        (m, l, acc), _ = jax.lax.scan(key_block, init, jnp.arange(nk))
+        return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
+
+    out_NxBxKxGxQxD, lse_NxBxKxGxQ = jax.lax.map(query_block, jnp.arange(nq))
+    out = out_NxBxKxGxQxD.transpose(1, 0, 4, 2, 3, 5).reshape(B, T, K, G, D)
+    lse = lse_NxBxKxGxQ.transpose(1, 2, 3, 0, 4).reshape(B, K, G, T)
+    return out, lse
+
+
+def _flash_fwd(q, k, v, seg, bq, bk):
+    out, lse = _flash_forward(q, k, v, seg, bq, bk)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _flash_bwd(bq, bk, residuals, dout):
+    """dq, dk, dv of flash attention, recomputing each block's probabilities from the saved
+    log-sum-exp: P = exp(S - lse), dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)), dQ = dS K, dK = dS^T Q."""
+    q, k, v, seg, out, lse = residuals
+    B, T, K, G, D = q.shape
+    nq, nk = T // bq, T // bk
+    f32 = jnp.float32
+    delta_BxKxGxT = jnp.einsum("btkgd,btkgd->bkgt", dout.astype(f32), out.astype(f32))
+    scale = D**-0.5
+
+    def query_block(carry, i):
+        dk, dv = carry
+        q_i, seg_i = _block(q, i, bq), _block(seg, i, bq)
+        do_i = _block(dout, i, bq).astype(f32)
+        lse_i, delta_i = _block(lse, i, bq, axis=3), _block(delta_BxKxGxT, i, bq, axis=3)
+
+        def key_block(carry, j):
+            def compute(carry):
+                dq_i, dk, dv = carry
+                k_j, v_j = _block(k, j, bk), _block(v, j, bk)
+                s, mask = _block_scores(q_i, k_j, seg_i, _block(seg, j, bk), i, j, bq, bk)
+                p = jnp.where(mask[:, None, None], jnp.exp(s - lse_i[..., None]), 0.0)
+                dv_j = jnp.einsum("bkgqs,bqkgd->bskd", p, do_i)
+                dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j.astype(f32))
+                ds = p * (dp - delta_i[..., None]) * scale
+                dq_i = dq_i + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j.astype(f32))
+                dk_j = jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i.astype(f32))
+                add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+                    acc, _block(acc, j, bk) + x, j * bk, axis=1)
+                return dq_i, add(dk, dk_j), add(dv, dv_j)
+            return jax.lax.cond(_needed(i, j, bq, bk), compute, lambda c: c, carry), None
+
+        dq_i = jnp.zeros((B, bq, K, G, D), f32)
+        (dq_i, dk, dv), _ = jax.lax.scan(key_block, (dq_i, dk, dv), jnp.arange(nk))
+        return (dk, dv), dq_i
+
+    zeros = jnp.zeros((B, T, K, D), f32)
+    (dk, dv), dq_NxBxQxKxGxD = jax.lax.scan(query_block, (zeros, zeros), jnp.arange(nq))
+    dq = dq_NxBxQxKxGxD.transpose(1, 0, 2, 3, 4, 5).reshape(B, T, K, G, D)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# -- splash: the TPU kernel -------------------------------------------------------------------------
+
+
+def splash(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, interpret: bool = False):
+    """The Pallas splash-attention kernel (TPU; `interpret=True` runs it through the Pallas
+    interpreter anywhere, which is how its numerics are tested on CPU). T is padded to a multiple
+    of 128, the kernel's block granularity."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    B, T, K, G, D = q_BxTxKxGxD.shape
+    padded = -(-T // 128) * 128
+    if padded != T:
+        pad = padded - T
+        q_BxTxKxGxD = jnp.pad(q_BxTxKxGxD, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+        k_BxTxKxD, v_BxTxKxD = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k_BxTxKxD, v_BxTxKxD))
+        segment_ids_BxT = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)),
+                                  constant_values=jnp.iinfo(segment_ids_BxT.dtype).min)
+    block = min(512, padded)
+    while padded % block:
+        block //= 2
+    sizes = sa.BlockSizes(block_q=block, block_kv_compute=block, block_kv=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = sa.MultiHeadMask([sa.CausalMask((padded, padded))] * G)
+    kernel = sa.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+    def per_device(q, k, v, seg):
+        # [B, K, G, T, D] queries (scaled here: the kernel does not), [B, K, T, D] keys and values;
+        # one MQA kernel call per (row, kv head).
+        q = (q * D**-0.5).astype(q.dtype).transpose(0, 2, 3, 1, 4)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        ids = jax.vmap(lambda s: sa.SegmentIds(q=s, kv=s))(seg)
+        per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))
+        out = jax.vmap(lambda q, k, v, ids: per_head(q, k, v, ids))(q, k, v, ids)
+        return out.transpose(0, 3, 1, 2, 4)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        # rows over the batch axes, kv heads over the tensor axis where it divides them (as the params)
+        kv_spec, _ = sharding.logical_to_spec(("batch", "length", "kv_heads", "head_dim"), k_BxTxKxD.shape,
+                                              dict(mesh.shape))
+        q_spec = PartitionSpec(*kv_spec, None)
+        per_device = jax.shard_map(per_device, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(kv_spec[0])),
+                                   out_specs=q_spec, check_vma=False)
+    return per_device(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)[:, :T]
