@@ -144,16 +144,25 @@ def abstract_train_state(params, optimizer: optax.GradientTransformation) -> Tra
     return TrainState(params, opt_state, counter, counter, counter)
 
 
-def token_logprobs(config: Qwen2Config, params, tokens_BxL, attention_mask_BxL, temperature: float = 1.0):
+def token_logprobs(config: Qwen2Config, params, tokens_BxL, attention_mask_BxL, temperature: float = 1.0,
+                   segment_ids_BxL=None, positions_BxL=None):
     """(log p(tokens[t] | tokens[<t]), entropy of that distribution), [B, L] float32; column 0 is 0.
 
     p is softmax(logits / temperature): the distribution the rollouts were sampled from (before any
-    top-k/top-p truncation), as the reference computes it.
+    top-k/top-p truncation), as the reference computes it. The logits are never materialised whole:
+    they are computed from the final hidden states a chunk of positions at a time
+    (`algorithm.chunked_logprobs_and_entropy`). A packed row gives its segment ids and per-segment
+    positions (default: one sequence after left padding).
     """
-    logits_BxLxV, _ = Qwen2ForCausalLM(config).apply({"params": params}, tokens_BxL[:, :-1],
-                                                     qwen2.positions_from_mask(attention_mask_BxL[:, :-1]),
-                                                     attention_mask_BxL[:, :-1])
-    logp, entropy = algorithm.token_logprobs_and_entropy(logits_BxLxV / temperature, tokens_BxL[:, 1:])
+    inputs = lambda x: None if x is None else x[:, :-1]  # noqa: E731
+    positions = inputs(positions_BxL) if positions_BxL is not None else \
+        qwen2.positions_from_mask(attention_mask_BxL[:, :-1])
+    hidden_BxLxE, _ = Qwen2ForCausalLM(config).apply({"params": params}, tokens_BxL[:, :-1], positions,
+                                                     attention_mask_BxL[:, :-1], segment_ids_BxT=inputs(segment_ids_BxL),
+                                                     return_hidden=True)
+    logp, entropy = algorithm.chunked_logprobs_and_entropy(hidden_BxLxE, qwen2.vocab_head(config, params),
+                                                           tokens_BxL[:, 1:], temperature=temperature,
+                                                           compute_dtype=config.compute_dtype)
     pad = ((0, 0), (1, 0))
     return jnp.pad(logp, pad), jnp.pad(entropy, pad)
 

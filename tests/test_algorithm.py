@@ -279,3 +279,51 @@ def test_a_huge_ratio_under_the_dual_clip_has_a_finite_gradient():
 def test_an_empty_mask_gives_zero_not_nan():
     for mode in algorithm.AGG_MODES:
         assert float(aggregate(LOSSES, jnp.zeros((3, 3)), mode)) == 0.0
+
+
+def _head_inputs(B=2, T=37, E=16, V=50, seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.normal(size=(B, T, E)), jnp.float32), jnp.asarray(rng.normal(size=(V, E)), jnp.float32),
+            jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32))
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 37, 64])
+def test_chunked_logprobs_equal_the_full_logits_values_and_gradients(chunk):
+    hidden, head, targets = _head_inputs()
+
+    def full(h, w):
+        return algorithm.token_logprobs_and_entropy(jnp.einsum("bte,ve->btv", h, w) / 0.7, targets)
+
+    def chunked(h, w):
+        return algorithm.chunked_logprobs_and_entropy(h, w, targets, temperature=0.7, chunk=chunk)
+
+    for got, want in zip(chunked(hidden, head), full(hidden, head)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+    def loss(fn):
+        return lambda h, w: jnp.sum(fn(h, w)[0] * jnp.cos(jnp.arange(37.0))) + 0.3 * jnp.sum(fn(h, w)[1])
+    for got, want in zip(jax.grad(loss(chunked), argnums=(0, 1))(hidden, head),
+                         jax.grad(loss(full), argnums=(0, 1))(hidden, head)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_logprobs_never_hold_the_whole_logits():
+    """Forward and backward over a 32,768-token vocabulary: the full logits grow with the positions
+    (256 MiB of float32 at 2,048, 1 GiB at 8,192); the chunked pass holds a few chunk-sized buffers
+    (logits, softmax, their gradient) whatever the length."""
+    B, E, V, chunk = 1, 64, 32768, 256
+
+    def temp(fn, T):
+        args = (jax.ShapeDtypeStruct((B, T, E), jnp.float32), jax.ShapeDtypeStruct((V, E), jnp.float32),
+                jax.ShapeDtypeStruct((B, T), jnp.int32))
+        grad = jax.grad(lambda h, w, t: jnp.sum(fn(h, w, t)[0]), argnums=(0, 1))
+        return jax.jit(grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    def chunked(h, w, t):
+        return algorithm.chunked_logprobs_and_entropy(h, w, t, chunk=chunk)
+
+    short, long = temp(chunked, 2048), temp(chunked, 8192)
+    full = temp(lambda h, w, t: algorithm.token_logprobs_and_entropy(jnp.einsum("bte,ve->btv", h, w), t), 8192)
+    logits = B * 8192 * V * 4
+    assert full >= logits
+    assert long < 1.1 * short and long < 5 * B * chunk * V * 4 and long < logits / 4, (short, long, logits)
