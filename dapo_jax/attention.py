@@ -18,7 +18,7 @@ Implementations, chosen by name (`IMPLEMENTATIONS`):
     blockwise  pure JAX, flash-style: queries and keys in blocks, an online softmax over key blocks
                and a custom VJP that recomputes each block's scores in the backward pass, so no more
                than one [block_q, block_kv] block of scores per head exists at a time. Key blocks
-               entirely above the causal diagonal are skipped. The default off TPU and GPU.
+               entirely above the causal diagonal are never visited. The default off TPU.
     splash     TPU: the Pallas splash-attention kernel (causal mask + segment ids, forward and
                backward), run per device inside `shard_map` (a Pallas kernel cannot be partitioned
                automatically): rows split over the batch axes, kv heads over the tensor axis.
@@ -130,9 +130,12 @@ def _block_scores(q_i, k_j, seg_i, seg_j, i, j, bq, bk):
     return jnp.where(mask_Bxqxs[:, None, None], s, _FLOOR), mask_Bxqxs
 
 
-def _needed(i, j, bq, bk):
-    """Whether key block j has any key at or before query block i's last query (causality)."""
-    return j * bk <= i * bq + bq - 1
+def _last_block(i, bq, bk, nk):
+    """The last key block holding a key at or before query block i's last query (causality): the key
+    loops stop there. They are while loops with that bound, not scans over every block with a cond:
+    a cond inside a scan makes JAX keep every block's scores as residuals when the whole attention
+    sits in a differentiated loop over layers, even behind a custom VJP."""
+    return jnp.minimum((i * bq + bq - 1) // bk, nk - 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -147,21 +150,18 @@ def _flash_forward(q, k, v, seg, bq, bk):
     def query_block(i):
         q_i, seg_i = _block(q, i, bq), _block(seg, i, bq)
 
-        def key_block(carry, j):
-            def compute(carry):
-                m, l, acc = carry
-                s, _ = _block_scores(q_i, _block(k, j, bk), seg_i, _block(seg, j, bk), i, j, bq, bk)
-                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-                p = jnp.exp(s - m_new[..., None])
-                correction = jnp.exp(m - m_new)
-                pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), _block(v, j, bk),
-                                preferred_element_type=jnp.float32)
-                return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
-            return jax.lax.cond(_needed(i, j, bq, bk), compute, lambda c: c, carry), None
+        def key_block(j, carry):
+            m, l, acc = carry
+            s, _ = _block_scores(q_i, _block(k, j, bk), seg_i, _block(seg, j, bk), i, j, bq, bk)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            correction = jnp.exp(m - m_new)
+            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), _block(v, j, bk), preferred_element_type=jnp.float32)
+            return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
 
         init = (jnp.full((B, K, G, bq), _FLOOR, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
                 jnp.zeros((B, K, G, bq, D), jnp.float32))
-        (m, l, acc), _ = jax.lax.scan(key_block, init, jnp.arange(nk))
+        m, l, acc = jax.lax.fori_loop(0, _last_block(i, bq, bk, nk) + 1, key_block, init)
         return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
 
     out_NxBxKxGxQxD, lse_NxBxKxGxQ = jax.lax.map(query_block, jnp.arange(nq))
@@ -184,36 +184,32 @@ def _flash_bwd(bq, bk, residuals, dout):
     f32 = jnp.float32
     delta_BxKxGxT = jnp.einsum("btkgd,btkgd->bkgt", dout.astype(f32), out.astype(f32))
     scale = D**-0.5
+    add = lambda acc, j, x: jax.lax.dynamic_update_slice_in_dim(acc, _block(acc, j, bk) + x, j * bk, axis=1)  # noqa: E731
 
-    def query_block(carry, i):
-        dk, dv = carry
+    def query_block(i, carry):
+        dq, dk, dv = carry
         q_i, seg_i = _block(q, i, bq), _block(seg, i, bq)
         do_i = _block(dout, i, bq).astype(f32)
         lse_i, delta_i = _block(lse, i, bq, axis=3), _block(delta_BxKxGxT, i, bq, axis=3)
 
-        def key_block(carry, j):
-            def compute(carry):
-                dq_i, dk, dv = carry
-                k_j, v_j = _block(k, j, bk), _block(v, j, bk)
-                s, mask = _block_scores(q_i, k_j, seg_i, _block(seg, j, bk), i, j, bq, bk)
-                p = jnp.where(mask[:, None, None], jnp.exp(s - lse_i[..., None]), 0.0)
-                dv_j = jnp.einsum("bkgqs,bqkgd->bskd", p, do_i)
-                dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j.astype(f32))
-                ds = p * (dp - delta_i[..., None]) * scale
-                dq_i = dq_i + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j.astype(f32))
-                dk_j = jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i.astype(f32))
-                add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-                    acc, _block(acc, j, bk) + x, j * bk, axis=1)
-                return dq_i, add(dk, dk_j), add(dv, dv_j)
-            return jax.lax.cond(_needed(i, j, bq, bk), compute, lambda c: c, carry), None
+        def key_block(j, carry):
+            dq_i, dk, dv = carry
+            k_j, v_j = _block(k, j, bk), _block(v, j, bk)
+            s, mask = _block_scores(q_i, k_j, seg_i, _block(seg, j, bk), i, j, bq, bk)
+            p = jnp.where(mask[:, None, None], jnp.exp(s - lse_i[..., None]), 0.0)
+            dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j.astype(f32))
+            ds = p * (dp - delta_i[..., None]) * scale
+            dq_i = dq_i + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j.astype(f32))
+            dk = add(dk, j, jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i.astype(f32)))
+            dv = add(dv, j, jnp.einsum("bkgqs,bqkgd->bskd", p, do_i))
+            return dq_i, dk, dv
 
         dq_i = jnp.zeros((B, bq, K, G, D), f32)
-        (dq_i, dk, dv), _ = jax.lax.scan(key_block, (dq_i, dk, dv), jnp.arange(nk))
-        return (dk, dv), dq_i
+        dq_i, dk, dv = jax.lax.fori_loop(0, _last_block(i, bq, bk, nk) + 1, key_block, (dq_i, dk, dv))
+        return jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * bq, axis=1), dk, dv
 
     zeros = jnp.zeros((B, T, K, D), f32)
-    (dk, dv), dq_NxBxQxKxGxD = jax.lax.scan(query_block, (zeros, zeros), jnp.arange(nq))
-    dq = dq_NxBxQxKxGxD.transpose(1, 0, 2, 3, 4, 5).reshape(B, T, K, G, D)
+    dq, dk, dv = jax.lax.fori_loop(0, nq, query_block, (jnp.zeros(q.shape, f32), zeros, zeros))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

@@ -91,6 +91,21 @@ def test_blockwise_holds_one_block_of_scores_not_the_whole_square():
     assert blockwise < squares / 8, (blockwise, squares)
 
 
+def test_blockwise_inside_a_differentiated_loop_over_layers_keeps_no_scores_either():
+    """Layers are a scan: attention's own loops must not turn into per-block residuals of it."""
+    B, T, K, G, D = 1, 4096, 2, 2, 64
+    shapes = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((B, T, K, G, D), (B, T, K, D), (B, T, K, D))]
+    shapes.append(jax.ShapeDtypeStruct((B, T), jnp.int32))
+
+    def layers(q, k, v, seg):
+        def layer(x, _):
+            return attention.blockwise(q + x.mean(), k, v, seg).mean() + x, None
+        return jax.lax.scan(layer, jnp.zeros(()), None, length=3)[0]
+
+    squares = B * K * G * T * T * 4  # per layer; kept scores would cost 3 of these, the inputs ~24 MiB a layer
+    assert temp_bytes(jax.grad(layers, argnums=(0, 1, 2)), *shapes) < squares / 2
+
+
 def test_unknown_implementations_are_named():
     with pytest.raises(ValueError, match="'flash' is not one of"):
         attention.resolve("flash")
