@@ -9,6 +9,12 @@ Hugging Face transformers' `generate` with the same sampling settings in the sam
 alternating rounds, and the line carries both median rates and the median, min and max of the
 per-round ratios. Every row generates exactly --new-tokens tokens (no
 end-of-sequence id stops it), so tokens/s is batch * new_tokens / seconds.
+
+    python -m dapo_jax.bench train-memory --checkpoint random:tiny,layers=2,hidden=256,vocab=151936 \
+        --lengths 2048,8192,22528 [--attention blockwise]
+
+compiles the train step (one row of each length, one device, nothing executed) and reports XLA's
+memory analysis: the temporaries the step needs beyond its arguments.
 """
 
 from __future__ import annotations
@@ -92,6 +98,29 @@ def bench_sampler(args) -> dict:
     return result
 
 
+def bench_train_memory(args) -> dict:
+    import jax.numpy as jnp
+
+    from dapo_jax import train_step as ts
+    from dapo_jax.models import loading, qwen2
+
+    spec = args.checkpoint.removeprefix("random:")
+    config = (loading.random_config(spec, attention=args.attention) if args.checkpoint.startswith("random:") else
+              hf.read_config(args.checkpoint, attention=args.attention))
+    optimizer = ts.make_optimizer(ts.OptimizerConfig(), 1)
+    step = ts.make_train_step(config, ts.LossConfig(), optimizer, num_minibatches=1, num_microbatches=1)
+    state = jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), qwen2.abstract_params(config))
+    out = {"bench": "train-memory", "checkpoint": args.checkpoint, "attention": args.attention, "temp_gib": {}}
+    for length in (int(x) for x in args.lengths.split(",")):
+        batch = {k: jax.ShapeDtypeStruct((1, length), dtype) for k, dtype in
+                 (("tokens", jnp.int32), ("attention_mask", jnp.int32), ("loss_mask", jnp.int32),
+                  ("old_logp", jnp.float32))}
+        batch["advantages"] = jax.ShapeDtypeStruct((1,), jnp.float32)
+        memory = step.jitted(state, batch).lower(state, batch).compile().memory_analysis()
+        out["temp_gib"][length] = round(memory.temp_size_in_bytes / 2**30, 3)
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m dapo_jax.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,7 +144,14 @@ def main(argv=None):
     s.add_argument("--settle", type=float, default=1.0,
                    help="seconds of idle before each timed round, so that neither library's spinning worker "
                         "threads eat into the other's time")
+    m = sub.add_parser("train-memory", help="compiled train-step temporaries for one row of each length")
+    m.add_argument("--checkpoint", required=True, help="HF checkpoint directory or random:<preset>[,field=value]")
+    m.add_argument("--lengths", default="2048,8192", help="comma-separated row lengths (tokens)")
+    m.add_argument("--attention", default="auto", help="model.attention: auto, blockwise, splash or dense")
     args = parser.parse_args(argv)
+    if args.bench == "train-memory":
+        print(json.dumps(bench_train_memory(args)), flush=True)
+        return
     if args.vs_transformers and args.dtype != "float32":
         parser.error("--vs-transformers compares float32 on CPU; drop --dtype or the comparison")
     print(json.dumps(bench_sampler(args)), flush=True)

@@ -194,3 +194,15 @@ def test_packed_sequences_get_the_logits_each_gets_alone(impl):
     for seq, span in ((a, slice(0, 7)), (b, slice(7, 16))):
         alone = qwen2.forward(config, params, seq[None].astype(np.int32))
         np.testing.assert_allclose(packed[0, span], alone[0], atol=2e-5, rtol=1e-5)
+
+
+def test_the_train_memory_bench_prints_one_json_line_per_run(capsys):
+    import json
+
+    from dapo_jax import bench
+
+    bench.main(["train-memory", "--checkpoint", "random:tiny,layers=1", "--lengths", "64,256", "--attention",
+                "blockwise"])
+    line = json.loads(capsys.readouterr().out)
+    assert line["bench"] == "train-memory" and set(line["temp_gib"]) == {"64", "256"}
+    assert all(v > 0 for v in line["temp_gib"].values())
