@@ -113,7 +113,7 @@ def kl_to_reference(logp, ref_logp, estimator: str = "k3"):
 def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip_high: float = 0.28,
                 clip_c: float | None = None, agg_mode: str = "token-mean", ref_logp=None, kl_coef: float = 0.0,
                 kl_estimator: str = "k3", entropy=None, entropy_coef: float = 0.0, num_tokens=None,
-                num_sequences=None, norm_constant=None):
+                num_sequences=None, norm_constant=None, weights=None):
     """(loss to minimise, metrics) for [batch, length] log-probs of the sampled tokens.
 
     Per token, with delta = logp - old_logp, r = exp(delta) and advantage A (per sequence [B] or
@@ -125,7 +125,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
     then `aggregate`d by agg_mode (delta is clamped to [-20, 20] as the reference does). Optional
     GRPO terms: + kl_coef * aggregate(KL) with KL = `kl_to_reference(logp, ref_logp, kl_estimator)`
     (GRPO's beta * KL(pi_theta || pi_ref), k3 by default), and - entropy_coef * aggregate(entropy).
-    num_tokens / num_sequences / norm_constant: see `aggregate`.
+    num_tokens / num_sequences / norm_constant: see `aggregate`. `weights` (per token, e.g.
+    `train_step.loss_weights`) replaces the aggregation: every term is sum(term x weights) over the
+    masked tokens, which is how packed rows and micro-batches keep the mini-batch's aggregation.
 
     Metrics (means over the masked tokens): clip_frac (the clip is active, L2 > L1),
     clip_frac_high (clipped at 1 + clip_high with A > 0), clip_frac_low (clipped at 1 - clip_low
@@ -160,7 +162,12 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
         loss_BxT = jnp.where(A_BxT < 0, jnp.minimum(loss_BxT, dual_bound), loss_BxT)
 
     counts = dict(num_tokens=num_tokens, num_sequences=num_sequences, norm_constant=norm_constant)
-    loss = aggregate(loss_BxT, mask, agg_mode, **counts)
+
+    def agg(x):
+        if weights is None:
+            return aggregate(x, mask, agg_mode, **counts)
+        return _masked_sum(x * jnp.asarray(weights, jnp.float32), mask)
+    loss = agg(loss_BxT)
     denominator = num_tokens  # metrics are token means over the same tokens as token-mean
     metrics = {
         "pg_loss": loss,
@@ -178,14 +185,14 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
         kl = kl_to_reference(logp, ref_logp, kl_estimator)
         metrics["ref_kl"] = _masked_mean(kl, mask, denominator)
         if kl_coef:
-            loss = loss + kl_coef * aggregate(kl, mask, agg_mode, **counts)
+            loss = loss + kl_coef * agg(kl)
     elif kl_coef:
         raise ValueError("kl_coef > 0 needs ref_logp (log-probs of the reference policy)")
     if entropy is not None:
         entropy = jnp.asarray(entropy, jnp.float32)
         metrics["entropy"] = _masked_mean(entropy, mask, denominator)
         if entropy_coef:
-            loss = loss - entropy_coef * aggregate(entropy, mask, agg_mode, **counts)
+            loss = loss - entropy_coef * agg(entropy)
     elif entropy_coef:
         raise ValueError("entropy_coef > 0 needs the per-token entropy of the current policy")
     metrics["loss"] = loss

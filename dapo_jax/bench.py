@@ -99,7 +99,6 @@ def bench_sampler(args) -> dict:
 
 
 def bench_train_memory(args) -> dict:
-    import jax.numpy as jnp
 
     from dapo_jax import train_step as ts
     from dapo_jax.models import loading, qwen2
@@ -112,10 +111,7 @@ def bench_train_memory(args) -> dict:
     state = jax.eval_shape(lambda p: ts.init_train_state(p, optimizer), qwen2.abstract_params(config))
     out = {"bench": "train-memory", "checkpoint": args.checkpoint, "attention": args.attention, "temp_gib": {}}
     for length in (int(x) for x in args.lengths.split(",")):
-        batch = {k: jax.ShapeDtypeStruct((1, length), dtype) for k, dtype in
-                 (("tokens", jnp.int32), ("attention_mask", jnp.int32), ("loss_mask", jnp.int32),
-                  ("old_logp", jnp.float32))}
-        batch["advantages"] = jax.ShapeDtypeStruct((1,), jnp.float32)
+        batch = ts.batch_shapes(1, 1, 1, length)
         memory = step.jitted(state, batch).lower(state, batch).compile().memory_analysis()
         out["temp_gib"][length] = round(memory.temp_size_in_bytes / 2**30, 3)
     return out

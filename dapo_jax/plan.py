@@ -221,14 +221,14 @@ def _compile(lowered_fn, args_bytes: int) -> Compiled:
 
 
 def train_batch_shapes(cfg: ml_collections.ConfigDict, rows: int, mesh) -> dict:
+    """The train step's batch for `rows` answers: mini-batches x micro-batches of rows x width."""
     width = cfg.data.max_prompt_length + cfg.rollout.max_response_length
-    sharded = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    shapes = {"tokens": jnp.int32, "attention_mask": jnp.int32, "loss_mask": jnp.int32, "old_logp": jnp.float32}
-    if cfg.algorithm.kl_coef:
-        shapes["ref_logp"] = jnp.float32
-    batch = {k: jax.ShapeDtypeStruct((rows, width), dtype, sharding=sharded) for k, dtype in shapes.items()}
-    batch["advantages"] = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sharded)
-    return batch
+    minibatches = rows // cfg.optim.minibatch_size
+    micro = cfg.optim.microbatch_size or cfg.optim.minibatch_size
+    return train_step_lib.batch_shapes(
+        minibatches, cfg.optim.minibatch_size // micro, micro, width, ref_logp=bool(cfg.algorithm.kl_coef),
+        row_sharding=NamedSharding(mesh, PartitionSpec(None, None, ("data", "fsdp"))),
+        replicated=NamedSharding(mesh, PartitionSpec()))
 
 
 def kv_cache_bytes(config: qwen2.Qwen2Config, sequences: int, length: int, mesh) -> int:

@@ -1,22 +1,28 @@
 """The pure update step: log-probs under the current policy, the policy loss, AdamW.
 
-One call trains on one rollout batch:
+One call trains on one rollout batch, given as M mini-batches of up to K micro-batches:
 
-    rollout batch [N rows] -> M mini-batches (one optimizer update each, in order)
-      mini-batch -> K micro-batches (gradients summed; only one micro-batch's activations live)
+    rollout batch -> M mini-batches (one optimizer update each, in order)
+      mini-batch -> its micro-batches (gradients summed; only one micro-batch's activations live)
 
-Every micro-batch's loss is divided by the *mini-batch's* token count (or sequence count), so the
-micro-batch losses and gradients add up to exactly those of the whole mini-batch: token-mean stays a
-true mean over the mini-batch's tokens however it is split (the reference averages per-micro-batch
-means instead, which weights tokens unequally).
+Rows hold sequences (prompt + answer): one per row, left-padded (`from_rows`), or several packed one
+after another (`dapo_jax.packing`), told apart by segment ids. Every token carries its weight in the
+mini-batch's loss (`loss_weights`: 1 / the mini-batch's token count for token-mean, 1 / (its
+sequence's tokens x the mini-batch's sequences) for seq-mean-token-mean, ...), so the micro-batch
+losses and gradients add up to exactly those of the whole mini-batch however it is split or packed
+(the reference averages per-micro-batch means instead, which weights tokens unequally).
 
-Batch layout, all [N, L] unless noted, rows = prompt + response:
-    tokens          int32, prompt left-padded, response right-padded
-    attention_mask  1 on real tokens
-    loss_mask       1 on the response tokens the loss is taken over (0 for filtered rows)
+Batch layout, [M, K, R, W] unless noted (R rows of W tokens per micro-batch):
+    tokens          int32
+    segment_ids     int32: 1, 2, ... per sequence in its row; 0 on padding
+    positions       int32: each token's position within its own sequence
+    loss_mask       1 on the answer tokens the loss is taken over (0 for filtered answers)
     old_logp        log pi_old(tokens[t] | tokens[<t]); the value at t pairs with tokens[t]
-    advantages      [N] or [N, L]
+    advantages      float32, each token its sequence's advantage
+    loss_weights    float32, each loss token's weight in its mini-batch's loss (`loss_weights`)
     ref_logp        optional: log pi_ref(tokens[t] | tokens[<t]) under the reference policy, for the KL penalty
+    num_tokens      [M] float32: loss tokens per mini-batch (the metrics' denominators)
+    micro_batches   [M] int32: the micro-batches in use per mini-batch (the rest are not computed)
 """
 
 from __future__ import annotations
@@ -167,23 +173,107 @@ def token_logprobs(config: Qwen2Config, params, tokens_BxL, attention_mask_BxL, 
     return jnp.pad(logp, pad), jnp.pad(entropy, pad)
 
 
-def check_batch(batch: dict, num_minibatches: int, num_microbatches: int, mesh=None) -> None:
-    """Fail before compiling when the batch cannot be split as asked."""
-    required = ("tokens", "attention_mask", "loss_mask", "old_logp", "advantages")
-    missing = [k for k in required if k not in batch]
+ROW_KEYS = ("tokens", "segment_ids", "positions", "loss_mask", "old_logp", "advantages", "loss_weights")
+
+
+def loss_weights(loss_mask, sequence_ids, agg_mode: str, norm_constant: float | None = None) -> np.ndarray:
+    """Each token's weight in one mini-batch's loss (float32, 0 off the loss mask), so that the
+    aggregated loss is sum(per-token loss x weight):
+
+        token-mean               1 / (loss tokens of the mini-batch)
+        seq-mean-token-mean      1 / (loss tokens of its sequence x sequences of the mini-batch)
+        seq-mean-token-sum       1 / (sequences of the mini-batch)
+        seq-mean-token-sum-norm  1 / norm_constant
+
+    `sequence_ids` (same shape) names each token's sequence; sequences count when they have a loss token.
+    """
+    mask = np.asarray(loss_mask) > 0
+    if agg_mode not in algorithm.AGG_MODES:
+        raise ValueError(f"agg_mode={agg_mode!r} is not one of {algorithm.AGG_MODES}")
+    if agg_mode == "token-mean":
+        return (mask / max(mask.sum(), 1)).astype(np.float32)
+    if agg_mode == "seq-mean-token-sum-norm":
+        if not norm_constant:
+            raise ValueError("seq-mean-token-sum-norm needs norm_constant (the maximum response length)")
+        return (mask / norm_constant).astype(np.float32)
+    ids = np.asarray(sequence_ids)[mask]
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    out = np.zeros(mask.shape, np.float64)
+    per_token = 1.0 / len(counts) if agg_mode == "seq-mean-token-sum" else 1.0 / (counts[inverse] * len(counts))
+    out[mask] = per_token
+    return out.astype(np.float32)
+
+
+def from_rows(batch: dict, num_minibatches: int, num_microbatches: int, loss_config: LossConfig) -> dict:
+    """The step's batch from [N, L] rows that each hold one left-padded sequence (tokens,
+    attention_mask, loss_mask, old_logp, advantages [N] or [N, L], optional ref_logp): mini-batch m,
+    micro-batch k hold consecutive rows."""
+    missing = [k for k in ("tokens", "attention_mask", "loss_mask", "old_logp", "advantages") if k not in batch]
     if missing:
-        raise ValueError(f"train batch lacks {missing}; it needs {list(required)} (and optionally ref_logp)")
-    n, length = batch["tokens"].shape
+        raise ValueError(f"train batch lacks {missing}; rows need tokens, attention_mask, loss_mask, old_logp, "
+                         f"advantages (and optionally ref_logp)")
+    tokens = np.asarray(batch["tokens"])
+    n, length = tokens.shape
     for key in ("attention_mask", "loss_mask", "old_logp") + (("ref_logp",) if "ref_logp" in batch else ()):
-        if batch[key].shape != (n, length):
-            raise ValueError(f"batch[{key!r}] has shape {batch[key].shape}, tokens have {(n, length)}")
-    if n % (num_minibatches * num_microbatches):
-        raise ValueError(f"{n} rows do not split into {num_minibatches} mini-batches x {num_microbatches} "
-                         f"micro-batches; use a row count that is a multiple of {num_minibatches * num_microbatches}")
-    rows = n // (num_minibatches * num_microbatches)
+        if np.shape(batch[key]) != (n, length):
+            raise ValueError(f"batch[{key!r}] has shape {np.shape(batch[key])}, tokens have {(n, length)}")
+    M, K = num_minibatches, num_microbatches
+    if n % (M * K):
+        raise ValueError(f"{n} rows do not split into {M} mini-batches x {K} micro-batches; use a row count that "
+                         f"is a multiple of {M * K}")
+    mask = np.asarray(batch["attention_mask"]).astype(np.int32)
+    advantages = np.asarray(batch["advantages"], np.float32)
+    loss_mask = np.asarray(batch["loss_mask"])
+    rows_per_minibatch = n // M
+    weights = np.concatenate([
+        loss_weights(loss_mask[m * rows_per_minibatch:(m + 1) * rows_per_minibatch],
+                     np.repeat(np.arange(rows_per_minibatch)[:, None], length, axis=1), loss_config.agg_mode,
+                     loss_config.norm_constant) for m in range(M)])
+    out = {"tokens": tokens.astype(np.int32), "segment_ids": mask,
+           "positions": np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int32),
+           "loss_mask": loss_mask.astype(np.float32), "old_logp": np.asarray(batch["old_logp"], np.float32),
+           "advantages": np.broadcast_to(advantages[:, None] if advantages.ndim == 1 else advantages, (n, length)),
+           "loss_weights": weights}
+    if "ref_logp" in batch:
+        out["ref_logp"] = np.asarray(batch["ref_logp"], np.float32)
+    out = {k: np.ascontiguousarray(v).reshape(M, K, n // (M * K), length) for k, v in out.items()}
+    out["num_tokens"] = (loss_mask.reshape(M, -1) > 0).sum(axis=1).astype(np.float32)
+    out["micro_batches"] = np.full((M,), K, np.int32)
+    return out
+
+
+def batch_shapes(minibatches: int, microbatches: int, rows: int, width: int, *, ref_logp: bool = False,
+                 row_sharding=None, replicated=None) -> dict:
+    """ShapeDtypeStructs of a step's batch (compiling ahead of time)."""
+    shape = (minibatches, microbatches, rows, width)
+    ints = ("tokens", "segment_ids", "positions")
+    keys = ROW_KEYS + (("ref_logp",) if ref_logp else ())
+    out = {k: jax.ShapeDtypeStruct(shape, jnp.int32 if k in ints else jnp.float32, sharding=row_sharding)
+           for k in keys}
+    out["num_tokens"] = jax.ShapeDtypeStruct((minibatches,), jnp.float32, sharding=replicated)
+    out["micro_batches"] = jax.ShapeDtypeStruct((minibatches,), jnp.int32, sharding=replicated)
+    return out
+
+
+def check_batch(batch: dict, mesh=None) -> None:
+    """Fail before compiling when the batch is not a step's batch or cannot split over the mesh."""
+    missing = [k for k in ROW_KEYS + ("num_tokens", "micro_batches") if k not in batch]
+    if missing:
+        raise ValueError(f"train batch lacks {missing}; build it with train_step.from_rows or dapo_jax.packing")
+    shape = np.shape(batch["tokens"])
+    if len(shape) != 4:
+        raise ValueError(f"batch['tokens'] has shape {shape}; a step's batch is [mini-batches, micro-batches, rows, "
+                         f"tokens] (train_step.from_rows builds it from [rows, tokens])")
+    for key in ROW_KEYS[1:] + (("ref_logp",) if "ref_logp" in batch else ()):
+        if np.shape(batch[key]) != shape:
+            raise ValueError(f"batch[{key!r}] has shape {np.shape(batch[key])}, tokens have {shape}")
+    counts = np.asarray(batch["micro_batches"])
+    if counts.shape != shape[:1] or np.any(counts < 0) or np.any(counts > shape[1]):
+        raise ValueError(f"micro_batches {counts.tolist()} must give 0..{shape[1]} micro-batches for each of the "
+                         f"{shape[0]} mini-batches")
     shards = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-    if rows % shards:
-        raise ValueError(f"micro-batches of {rows} rows do not split over the {shards} data-parallel devices; "
+    if shape[2] % shards:
+        raise ValueError(f"micro-batches of {shape[2]} rows do not split over the {shards} data-parallel devices; "
                          f"make rows per micro-batch a multiple of {shards} (fewer micro-batches or more rows)")
 
 
@@ -191,38 +281,47 @@ def make_train_step(config: Qwen2Config, loss_config: LossConfig, optimizer: opt
                     num_minibatches: int, num_microbatches: int = 1, mesh=None) -> Callable:
     """A jitted `train_step(state, batch) -> (state, metrics)` over one rollout batch.
 
-    metrics are means over the step's optimizer updates, plus `updates_skipped` (non-finite loss or
-    gradient: parameters and optimizer state left untouched) and `empty_minibatches` (no token to
-    train on). The state's buffers are donated: keep using the returned state, not the one passed in.
+    `batch` is the step's batch (see the module docstring), or [N, L] rows of one sequence each, which
+    `from_rows` splits into num_minibatches x num_microbatches. metrics are means over the step's
+    optimizer updates, plus `updates_skipped` (non-finite loss or gradient: parameters and optimizer
+    state left untouched) and `empty_minibatches` (no token to train on). The state's buffers are
+    donated: keep using the returned state, not the one passed in.
     """
     lc = loss_config
 
-    def microbatch_loss(params, micro, num_tokens, num_sequences):
-        logp, entropy = token_logprobs(config, params, micro["tokens"], micro["attention_mask"], lc.temperature)
+    def microbatch_loss(params, micro, num_tokens):
+        logp, entropy = token_logprobs(config, params, micro["tokens"], (micro["segment_ids"] > 0).astype(jnp.int32),
+                                       lc.temperature, micro["segment_ids"], micro["positions"])
         return algorithm.policy_loss(
             logp, micro["old_logp"], micro["advantages"], micro["loss_mask"], clip_low=lc.clip_low,
             clip_high=lc.clip_high, clip_c=lc.clip_c, agg_mode=lc.agg_mode, ref_logp=micro.get("ref_logp"),
-            kl_coef=lc.kl_coef, kl_estimator=lc.kl_estimator, entropy=entropy, entropy_coef=lc.entropy_coef, num_tokens=num_tokens,
-            num_sequences=num_sequences, norm_constant=lc.norm_constant)
+            kl_coef=lc.kl_coef, kl_estimator=lc.kl_estimator, entropy=entropy, entropy_coef=lc.entropy_coef,
+            num_tokens=num_tokens, weights=micro["loss_weights"])
 
     grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
+    rows_keys = ROW_KEYS + (("ref_logp",) if lc.kl_coef else ())
 
     def one_update(state: TrainState, minibatch):
-        """One optimizer update from a mini-batch given as [K, rows, ...] micro-batches."""
-        loss_mask = minibatch["loss_mask"].astype(jnp.float32)
-        num_tokens = jnp.sum(loss_mask)
-        num_sequences = jnp.sum(jnp.any(loss_mask > 0, axis=-1))
+        """One optimizer update from a mini-batch's micro-batches ([K, R, W] each, the first
+        `micro_batches` of them in use: a while loop, so unused ones cost nothing)."""
+        num_tokens = minibatch["num_tokens"]
+        micro_count = minibatch["micro_batches"]
+        rows = {k: v for k, v in minibatch.items() if v.ndim == 3}
 
-        def accumulate(grads, micro):
-            micro = {k: sharding.constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in micro.items()}
-            (_, metrics), micro_grads = grad_fn(state.params, micro, jnp.maximum(num_tokens, 1.0),
-                                                jnp.maximum(num_sequences, 1))
-            return jax.tree_util.tree_map(jnp.add, grads, micro_grads), metrics
+        def accumulate(k, carry):
+            grads, metrics = carry
+            micro = {key: sharding.constrain(jax.lax.dynamic_index_in_dim(v, k, keepdims=False), ("batch", None))
+                     for key, v in rows.items()}
+            (_, micro_metrics), micro_grads = grad_fn(state.params, micro, jnp.maximum(num_tokens, 1.0))
+            return (jax.tree_util.tree_map(jnp.add, grads, micro_grads),
+                    jax.tree_util.tree_map(jnp.add, metrics, micro_metrics))
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-        grads, micro_metrics = jax.lax.scan(accumulate, zeros, minibatch)
-        # Each micro-batch's metrics are sums over its tokens divided by the mini-batch's count.
-        metrics = jax.tree_util.tree_map(lambda m: jnp.sum(m, axis=0), micro_metrics)
+        metric_shapes = jax.eval_shape(lambda p, m: grad_fn(p, m, 1.0)[0][1], state.params,
+                                       {k: v[0] for k, v in rows.items()})
+        no_metrics = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), metric_shapes)
+        # Each micro-batch's loss and metrics are sums over its tokens weighted for the whole mini-batch.
+        grads, metrics = jax.lax.fori_loop(0, micro_count, accumulate, (zeros, no_metrics))
         finite = jnp.isfinite(metrics["loss"]) & jnp.all(
             jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
         apply = finite & (num_tokens > 0)
@@ -238,9 +337,7 @@ def make_train_step(config: Qwen2Config, loss_config: LossConfig, optimizer: opt
         return state, metrics
 
     def train_step(state: TrainState, batch: dict):
-        # [N, ...] -> [M, K, rows, ...]: mini-batch m, micro-batch k hold consecutive rows.
-        batch = {k: jnp.asarray(v).reshape(num_minibatches, num_microbatches, -1, *v.shape[1:])
-                 for k, v in batch.items()}
+        batch = {k: v for k, v in batch.items() if k in rows_keys + ("num_tokens", "micro_batches")}
         state, metrics = jax.lax.scan(one_update, state, batch)
         # Means over the applied updates only: a skipped update's NaN loss or an empty mini-batch's
         # zeros would otherwise distort the step's figures (both are counted separately).
@@ -251,12 +348,19 @@ def make_train_step(config: Qwen2Config, loss_config: LossConfig, optimizer: opt
                    for k, v in metrics.items()}
         return state.replace(step=state.step + 1), metrics
 
+    def prepare(batch: dict) -> dict:
+        if "segment_ids" not in batch:
+            batch = from_rows(batch, num_minibatches, num_microbatches, lc)
+        if lc.kl_coef and "ref_logp" not in batch:
+            raise ValueError("the loss has a KL penalty (kl_coef > 0): the batch needs ref_logp")
+        check_batch(batch, mesh)
+        return {k: v for k, v in batch.items() if k in rows_keys + ("num_tokens", "micro_batches")}
+
     if mesh is None:
         single = jax.jit(train_step, donate_argnums=0)
 
         def run(state: TrainState, batch: dict):
-            check_batch(batch, num_minibatches, num_microbatches)
-            return single(state, batch)
+            return single(state, prepare(batch))
 
         run.jitted = lambda state, batch: single
         return run
@@ -264,7 +368,8 @@ def make_train_step(config: Qwen2Config, loss_config: LossConfig, optimizer: opt
     # On a mesh the layouts are fixed: the state keeps the shardings it was created with (params by
     # the logical-axis rules, optimizer moments like their params), batch rows are split over the
     # data-parallel axes, metrics are replicated.
-    rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    rows = NamedSharding(mesh, PartitionSpec(None, None, ("data", "fsdp")))
+    replicated = NamedSharding(mesh, PartitionSpec())
     compiled: dict = {}
 
     def jitted(state: TrainState, batch: dict):
@@ -275,13 +380,14 @@ def make_train_step(config: Qwen2Config, loss_config: LossConfig, optimizer: opt
             state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
             compiled[key] = jax.jit(
                 train_step, donate_argnums=0,
-                in_shardings=(state_shardings, {k: rows for k in batch}),
-                out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
+                in_shardings=(state_shardings, {k: replicated if np.ndim(v) == 1 else rows for k, v in batch.items()}),
+                out_shardings=(state_shardings, replicated))
         return compiled[key]
 
     def run(state: TrainState, batch: dict):
-        check_batch(batch, num_minibatches, num_microbatches, mesh)
-        batch = {k: v if isinstance(v, jax.Array) else sharding.host_to_global(np.asarray(v), rows)
+        batch = prepare(batch)
+        batch = {k: v if isinstance(v, jax.Array) else
+                 sharding.host_to_global(np.asarray(v), replicated if np.ndim(v) == 1 else rows)
                  for k, v in batch.items()}
         with jax.set_mesh(mesh):
             return jitted(state, batch)(state, batch)
