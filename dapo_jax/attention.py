@@ -156,7 +156,8 @@ def _flash_forward(q, k, v, seg, bq, bk):
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             correction = jnp.exp(m - m_new)
-            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), _block(v, j, bk), preferred_element_type=jnp.float32)
+            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), _block(v, j, bk),
+                            preferred_element_type=jnp.float32)
             return m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv
 
         init = (jnp.full((B, K, G, bq), _FLOOR, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
@@ -184,7 +185,8 @@ def _flash_bwd(bq, bk, residuals, dout):
     f32 = jnp.float32
     delta_BxKxGxT = jnp.einsum("btkgd,btkgd->bkgt", dout.astype(f32), out.astype(f32))
     scale = D**-0.5
-    add = lambda acc, j, x: jax.lax.dynamic_update_slice_in_dim(acc, _block(acc, j, bk) + x, j * bk, axis=1)  # noqa: E731
+    def add(acc, j, x):
+        return jax.lax.dynamic_update_slice_in_dim(acc, _block(acc, j, bk) + x, j * bk, axis=1)
 
     def query_block(i, carry):
         dq, dk, dv = carry
@@ -257,6 +259,6 @@ def splash(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, interpret: boo
         kv_spec, _ = sharding.logical_to_spec(("batch", "length", "kv_heads", "head_dim"), k_BxTxKxD.shape,
                                               dict(mesh.shape))
         q_spec = PartitionSpec(*kv_spec, None)
-        per_device = jax.shard_map(per_device, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(kv_spec[0])),
-                                   out_specs=q_spec, check_vma=False)
+        per_device = jax.shard_map(per_device, mesh=mesh, out_specs=q_spec, check_vma=False,
+                                   in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(kv_spec[0])))
     return per_device(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)[:, :T]

@@ -99,7 +99,6 @@ def bench_sampler(args) -> dict:
 
 
 def bench_train_memory(args) -> dict:
-
     from dapo_jax import train_step as ts
     from dapo_jax.models import loading, qwen2
 

@@ -91,7 +91,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.1
     c.optim.grad_clip = 1.0
     c.optim.minibatch_size = 64  # answers per optimizer update
-    c.optim.microbatch_size = 0  # answers per forward/backward pass; 0 = the whole mini-batch
+    c.optim.microbatch_size = 0  # answers (rows, when packing) per forward/backward pass; 0 = the whole mini-batch
+    c.optim.pack_budget = 0  # tokens per train row holding several answers back to back; 0 = one answer per row
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 20  # rollout steps; 0 = only before and after training
@@ -270,6 +271,13 @@ def problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
     if cfg.checkpoint.keep < 1 or cfg.checkpoint.every < 1:
         out.append("checkpoint.keep and checkpoint.every must be >= 1")
 
+    if o.pack_budget and o.pack_budget < d.max_prompt_length + r.max_response_length:
+        out.append(f"optim.pack_budget={o.pack_budget} cannot hold the longest prompt + answer "
+                   f"(data.max_prompt_length {d.max_prompt_length} + rollout.max_response_length "
+                   f"{r.max_response_length} = {d.max_prompt_length + r.max_response_length} tokens); raise it to at "
+                   f"least that, or 0 for one answer per row")
+    elif o.pack_budget < 0:
+        out.append(f"optim.pack_budget={o.pack_budget} must be >= 0")
     rows = r.prompts_per_step * r.samples_per_prompt
     mb = o.minibatch_size
     micro = o.microbatch_size or mb

@@ -93,15 +93,15 @@ def rows_of(answers: Sequence[Answer], packed: Packed, num_rows: int) -> dict[st
     return out
 
 
-def train_batch(answers: Sequence[Answer], *, num_minibatches: int, budget: int, rows_per_micro: int,
-                loss_config: train_step_lib.LossConfig) -> dict[str, np.ndarray]:
-    """The train step's batch (see `dapo_jax.train_step`) for `answers` in order: mini-batch m is
-    the m-th equal share of them, packed on its own into micro-batches of `rows_per_micro` rows of
-    `budget` tokens. The arrays have room for the most micro-batches a mini-batch can need (every
-    answer alone in a row); `micro_batches` says how many each one uses."""
-    if len(answers) % num_minibatches:
-        raise ValueError(f"{len(answers)} answers do not split into {num_minibatches} mini-batches")
-    per_minibatch = len(answers) // num_minibatches
+def train_batch(answers: Sequence[Answer], *, num_minibatches: int, per_minibatch: int, budget: int,
+                rows_per_micro: int, loss_config: train_step_lib.LossConfig) -> dict[str, np.ndarray]:
+    """The train step's batch (see `dapo_jax.train_step`) for `answers` in order: mini-batch m holds
+    answers [m * per_minibatch, (m + 1) * per_minibatch) (fewer, or none, for a partial batch),
+    packed on its own into micro-batches of `rows_per_micro` rows of `budget` tokens. The arrays have
+    room for the most micro-batches a mini-batch can need (every answer alone in a row);
+    `micro_batches` says how many each one uses."""
+    if len(answers) > num_minibatches * per_minibatch:
+        raise ValueError(f"{len(answers)} answers are more than {num_minibatches} mini-batches of {per_minibatch}")
     most = -(-per_minibatch // rows_per_micro)  # micro-batches when every answer fills a row alone
     parts, counts, tokens = [], [], []
     for m in range(num_minibatches):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dapo_jax import algorithm, sampling, sharding
+from dapo_jax import algorithm, packing, sampling, sharding
 from dapo_jax.data.datasets import PromptRecord
 from dapo_jax.rewards import math_dapo
 from dapo_jax.rewards.overlong import overlong_penalty
@@ -179,13 +179,14 @@ def advantages(groups: Sequence[Group], rows: int, *, norm_by_std: bool) -> np.n
 
 
 def make_logprob_fn(model_config, *, temperature: float, chunk_rows: int, mesh=None):
-    """`logprobs(policies, tokens, attention_mask) -> (logp [len(policies), rows, width], entropy
-    [rows, width])`: log pi(tokens[t] | tokens[<t]) under each parameter tree in `policies` (the old
-    policy, and the reference policy when there is a KL penalty) and the entropy of the first one's
-    distribution at each position, in one compiled call per `chunk_rows` rows (rows are padded up to
-    a multiple of chunk_rows)."""
-    def fn(policies, t, m):
-        (logp, entropy), *others = [token_logprobs(model_config, p, t, m, temperature) for p in policies]
+    """`logprobs(policies, tokens, segment_ids, positions) -> (logp [len(policies), rows, width],
+    entropy [rows, width])`: log pi(tokens[t] | tokens[<t]) under each parameter tree in `policies`
+    (the old policy, and the reference policy when there is a KL penalty) and the entropy of the
+    first one's distribution at each position, for rows of packed sequences (`dapo_jax.packing`), in
+    one compiled call per `chunk_rows` rows (rows are padded up to a multiple of chunk_rows)."""
+    def fn(policies, t, s, pos):
+        mask = (s > 0).astype(jnp.int32)
+        (logp, entropy), *others = [token_logprobs(model_config, p, t, mask, temperature, s, pos) for p in policies]
         return jnp.stack([logp] + [other[0] for other in others]), entropy
 
     if mesh is None:
@@ -193,21 +194,19 @@ def make_logprob_fn(model_config, *, temperature: float, chunk_rows: int, mesh=N
     else:
         rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
         stacked_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
-        sharded = jax.jit(fn, in_shardings=(None, rows_sharding, rows_sharding),
+        sharded = jax.jit(fn, in_shardings=(None, rows_sharding, rows_sharding, rows_sharding),
                           out_shardings=(stacked_sharding, rows_sharding))
 
-        def jitted(policies, t, m):
-            return sharded(policies, sharding.host_to_global(t, rows_sharding),
-                           sharding.host_to_global(m, rows_sharding))
+        def jitted(policies, *rows):
+            return sharded(policies, *(sharding.host_to_global(x, rows_sharding) for x in rows))
 
-    def logprobs(policies, tokens: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def logprobs(policies, tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray):
         n = tokens.shape[0]
         padded = -(-n // chunk_rows) * chunk_rows
-        pad = ((0, padded - n), (0, 0))
-        tokens, attention_mask = np.pad(tokens, pad), np.pad(attention_mask, pad)
+        rows = [np.pad(x, ((0, padded - n), (0, 0))) for x in (tokens, segment_ids, positions)]
         logp, entropy = [], []
         for start in range(0, padded, chunk_rows):
-            part = jitted(tuple(policies), tokens[start:start + chunk_rows], attention_mask[start:start + chunk_rows])
+            part = jitted(tuple(policies), *(x[start:start + chunk_rows] for x in rows))
             logp.append(sharding.to_host(part[0]))
             entropy.append(sharding.to_host(part[1]))
         return np.concatenate(logp, axis=1)[:, :n], np.concatenate(entropy)[:n]
@@ -215,27 +214,31 @@ def make_logprob_fn(model_config, *, temperature: float, chunk_rows: int, mesh=N
     return logprobs
 
 
-def attach_logprobs(groups: Sequence[Group], params, logprob_fn, layout: Layout, ref_params=None) -> None:
+def attach_logprobs(groups: Sequence[Group], params, logprob_fn, budget: int, ref_params=None) -> None:
     """Fill the fresh groups' (those without old_logp) old_logp with log-probs under `params` (the
     parameters that generated them), their entropy_sums, and given `ref_params` their ref_logp under
-    the reference policy, all in the same pass over their rows."""
+    the reference policy, all in one pass over their sequences packed into rows of `budget` tokens."""
     todo = [g for g in groups if g.old_logp is None]
     if not todo:
         return
-    rows = sum(len(g.responses) for g in todo)
-    batch = pack(todo, layout, rows)
+    sequences = [packing.Answer(g.record.prompt_ids, response, np.zeros(len(response), np.float32), 0.0)
+                 for g in todo for response in g.responses]
+    packed = packing.first_fit_decreasing([len(s) for s in sequences], budget)
+    rows = packing.rows_of(sequences, packed, len(packed.rows))
     policies = (params,) if ref_params is None else (params, ref_params)
-    logp, entropy = logprob_fn(policies, batch["tokens"], batch["attention_mask"])
-    p, row = layout.max_prompt_length, 0
+    logp, entropy = logprob_fn(policies, rows["tokens"], rows["segment_ids"], rows["positions"])
+    where = {i: (r, start) for r, row in enumerate(packed.rows) for i, start in row}
+    i = 0
     for g in todo:
         g.old_logp, g.ref_logp, g.entropy_sums = [], None if ref_params is None else [], []
         for response in g.responses:
-            span = slice(p, p + len(response))
-            g.old_logp.append(np.asarray(logp[0, row, span], np.float32))
-            g.entropy_sums.append(float(np.sum(entropy[row, span], dtype=np.float64)))
+            r, start = where[i]
+            span = slice(start + len(g.record.prompt_ids), start + len(sequences[i]))
+            g.old_logp.append(np.asarray(logp[0, r, span], np.float32))
+            g.entropy_sums.append(float(np.sum(entropy[r, span], dtype=np.float64)))
             if ref_params is not None:
-                g.ref_logp.append(np.asarray(logp[1, row, span], np.float32))
-            row += 1
+                g.ref_logp.append(np.asarray(logp[1, r, span], np.float32))
+            i += 1
 
 
 def entropy_before_update(groups: Sequence[Group]) -> float:
@@ -254,6 +257,21 @@ def _per_token(groups: Sequence[Group], field: str, layout: Layout, rows: int) -
         for values in getattr(g, field):
             out[row, p:p + len(values)] = values
             row += 1
+    return out
+
+
+def answers(groups: Sequence[Group], *, norm_by_std: bool, overlong_filter: bool) -> list[packing.Answer]:
+    """The groups' answers as sequences for a packed train batch, with their group advantages;
+    overlong_filter keeps truncated answers out of the loss (their rewards still count in the
+    group's baseline)."""
+    n = sum(len(g.responses) for g in groups)
+    adv = advantages(groups, n, norm_by_std=norm_by_std)
+    out = []
+    for g in groups:
+        for j, response in enumerate(g.responses):
+            out.append(packing.Answer(g.record.prompt_ids, response, g.old_logp[j], float(adv[len(out)]),
+                                      trained=not (overlong_filter and g.truncated[j]),
+                                      ref_logp=None if g.ref_logp is None else g.ref_logp[j]))
     return out
 
 

@@ -33,7 +33,7 @@ import optax
 import tqdm
 
 from dapo_jax import checkpoints, config as config_lib, dynamic_sampling, evaluation, hf, metrics as metrics_lib
-from dapo_jax import rollout, sharding, train_step as train_step_lib, workdir_lock
+from dapo_jax import packing, rollout, sharding, train_step as train_step_lib, workdir_lock
 from dapo_jax.data import datasets, synthetic
 from dapo_jax.models.loading import check_model_path, load_model
 from dapo_jax.tokenizer import QWEN_DEFAULT_SYSTEM, Tokenizer, chat_template, load_tokenizer
@@ -174,6 +174,7 @@ class Update:
     num_minibatches: int  # optimizer updates per rollout step
     microbatch_rows: int  # answers per forward/backward pass
     optim_config: train_step_lib.OptimizerConfig
+    loss_config: train_step_lib.LossConfig
     optimizer: optax.GradientTransformation
     train_step: Callable
 
@@ -192,7 +193,7 @@ def make_update(cfg: ml_collections.ConfigDict, model_config, mesh) -> Update:
         norm_constant=float(r.max_response_length) if a.agg_mode == "seq-mean-token-sum-norm" else None)
     step = train_step_lib.make_train_step(model_config, loss_config, optimizer, num_minibatches=num_minibatches,
                                           num_microbatches=o.minibatch_size // micro, mesh=mesh)
-    return Update(rows, num_minibatches, micro, optim_config, optimizer, step)
+    return Update(rows, num_minibatches, micro, optim_config, loss_config, optimizer, step)
 
 
 class Run:
@@ -230,6 +231,7 @@ class Run:
                                            cfg.reward.overlong_penalty_factor)
         update = make_update(cfg, self.model_config, self.mesh)
         self.rows, self.optim_config, self.updates_per_step = update.rows, update.optim_config, update.num_minibatches
+        self.update = update
         # GRPO's KL penalty pulls towards the starting policy: a frozen copy of it (the train state's
         # buffers are donated to every update, so it cannot share them). A resumed run reloads it
         # from model.path, as it was at the start.
@@ -272,11 +274,19 @@ class Run:
                         "rollout.max_carry_age=0 to train every step on its own generations", step, r.max_carry_age)
 
         t = time.perf_counter()
-        rollout.attach_logprobs(collected.groups + collected.carry, self.state.params, self.logprobs, self.layout,
-                                ref_params=self.ref_params)
+        rollout.attach_logprobs(collected.groups + collected.carry, self.state.params, self.logprobs,
+                                self.cfg.optim.pack_budget or self.layout.width, ref_params=self.ref_params)
         old_logp_seconds = time.perf_counter() - t
-        batch = rollout.train_batch(collected.groups, self.layout, self.rows, norm_by_std=self.cfg.algorithm.norm_by_std,
-                                    overlong_filter=self.cfg.reward.overlong_filter)
+        o = self.cfg.optim
+        norm_by_std, overlong_filter = self.cfg.algorithm.norm_by_std, self.cfg.reward.overlong_filter
+        if o.pack_budget:
+            batch = packing.train_batch(
+                rollout.answers(collected.groups, norm_by_std=norm_by_std, overlong_filter=overlong_filter),
+                num_minibatches=self.updates_per_step, per_minibatch=o.minibatch_size, budget=o.pack_budget,
+                rows_per_micro=self.update.microbatch_rows, loss_config=self.update.loss_config)
+        else:
+            batch = rollout.train_batch(collected.groups, self.layout, self.rows, norm_by_std=norm_by_std,
+                                        overlong_filter=overlong_filter)
 
         t = time.perf_counter()
         updates_before = int(self.state.updates)
@@ -392,7 +402,8 @@ def _lock_run(locks: contextlib.ExitStack, cfg, workdir: Path, checkpoint_dir) -
         except workdir_lock.WorkdirInUse as e:
             refused = e
     if _on_every_host(refused is not None):
-        raise refused or workdir_lock.WorkdirInUse("process 0 found the workdir or checkpoint.dir in use; see its error")
+        raise refused or workdir_lock.WorkdirInUse("process 0 found the workdir or checkpoint.dir in use; see its "
+                                                   "error")
 
 
 def _finished(workdir: Path, steps: int) -> dict | None:
@@ -478,7 +489,8 @@ def _train(cfg, workdir: Path, checkpoint_dir, on_step_end) -> dict[str, float]:
     if cfg.checkpoint.export_hf:
         # The chat template is the run's prompt format (its system turn or none), whatever the base model's was.
         out = hf.save_hf_checkpoint(workdir / "hf_final", run.model_config, run.state.params, overwrite=True,
-                                    copy_files_from=_tokenizer_dir(cfg), chat_template=chat_template(system_prompt(cfg)))
+                                    copy_files_from=_tokenizer_dir(cfg),
+                                    chat_template=chat_template(system_prompt(cfg)))
         say(f"final policy written as a Hugging Face checkpoint to {out}", flush=True)
     if jax.process_index() == 0:
         tmp = workdir / f"{FINISHED}.tmp"

@@ -163,9 +163,9 @@ def token_logprobs(config: Qwen2Config, params, tokens_BxL, attention_mask_BxL, 
     inputs = lambda x: None if x is None else x[:, :-1]  # noqa: E731
     positions = inputs(positions_BxL) if positions_BxL is not None else \
         qwen2.positions_from_mask(attention_mask_BxL[:, :-1])
-    hidden_BxLxE, _ = Qwen2ForCausalLM(config).apply({"params": params}, tokens_BxL[:, :-1], positions,
-                                                     attention_mask_BxL[:, :-1], segment_ids_BxT=inputs(segment_ids_BxL),
-                                                     return_hidden=True)
+    hidden_BxLxE, _ = Qwen2ForCausalLM(config).apply(
+        {"params": params}, tokens_BxL[:, :-1], positions, attention_mask_BxL[:, :-1],
+        segment_ids_BxT=inputs(segment_ids_BxL), return_hidden=True)
     logp, entropy = algorithm.chunked_logprobs_and_entropy(hidden_BxLxE, qwen2.vocab_head(config, params),
                                                            tokens_BxL[:, 1:], temperature=temperature,
                                                            compute_dtype=config.compute_dtype)

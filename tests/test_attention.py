@@ -138,7 +138,8 @@ def test_splash_compiles_for_a_tpu_topology_in_shard_map_with_its_memory():
     mesh = sharding.make_mesh(devices=plan.target("v5p-8").devices)
     B, T, K, G, D = 4, 8192, 2, 4, 128
     rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    shapes = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=rows) for s in ((B, T, K, G, D), (B, T, K, D), (B, T, K, D))]
+    shapes = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=rows)
+              for s in ((B, T, K, G, D), (B, T, K, D), (B, T, K, D))]
     shapes.append(jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=rows))
     with jax.set_mesh(mesh):
         step = jax.jit(jax.grad(loss_fn(lambda *a: attention.attention(*a, implementation="auto")), argnums=(0, 1, 2)))
