@@ -97,18 +97,21 @@ def blockwise(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, block_q: in
     """Flash-style attention: exact (the same softmax, accumulated per key block), with memory for
     one [block_q, block_kv] block of scores per head instead of [T, T]. T is padded up to a common
     multiple of the blocks; padded queries and keys see nothing of the real ones."""
-    B, T = segment_ids_BxT.shape
+    T = segment_ids_BxT.shape[1]
     bq, bk = min(block_q, T), min(block_kv, T)
-    padded = -(-T // _lcm(bq, bk)) * _lcm(bq, bk)
-    if padded != T:
-        pad = padded - T
-        q_BxTxKxGxD = jnp.pad(q_BxTxKxGxD, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-        k_BxTxKxD, v_BxTxKxD = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k_BxTxKxD, v_BxTxKxD))
-        # Padded slots get an id no real slot has: each sees only the padded slots before it.
-        segment_ids_BxT = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)),
-                                  constant_values=jnp.iinfo(segment_ids_BxT.dtype).min)
-    out = _flash(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, bq, bk)
+    out = _flash(*_pad_length(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, _lcm(bq, bk)), bq, bk)
     return out[:, :T]
+
+
+def _pad_length(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, multiple: int):
+    """The inputs with T padded up to a multiple of `multiple`. Padded slots get a segment id no real
+    slot has, so each sees only the padded slots before it and no real query sees them."""
+    pad = -segment_ids_BxT.shape[1] % multiple
+    if not pad:
+        return q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    return (jnp.pad(q_BxTxKxGxD, widths + ((0, 0),)), jnp.pad(k_BxTxKxD, widths), jnp.pad(v_BxTxKxD, widths),
+            jnp.pad(segment_ids_BxT, widths[:2], constant_values=jnp.iinfo(segment_ids_BxT.dtype).min))
 
 
 def _lcm(a: int, b: int) -> int:
@@ -228,13 +231,9 @@ def splash(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, interpret: boo
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     B, T, K, G, D = q_BxTxKxGxD.shape
-    padded = -(-T // 128) * 128
-    if padded != T:
-        pad = padded - T
-        q_BxTxKxGxD = jnp.pad(q_BxTxKxGxD, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-        k_BxTxKxD, v_BxTxKxD = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k_BxTxKxD, v_BxTxKxD))
-        segment_ids_BxT = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)),
-                                  constant_values=jnp.iinfo(segment_ids_BxT.dtype).min)
+    q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT = _pad_length(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD,
+                                                                   segment_ids_BxT, 128)
+    padded = segment_ids_BxT.shape[1]
     block = min(512, padded)
     while padded % block:
         block //= 2
