@@ -44,10 +44,11 @@ def get_config():
     # which for Qwen2.5-32B base is <|endoftext|> (151643) alone. An <|im_end|> the base model writes
     # is part of the answer and counts toward its length and overlong penalty.
     c.rollout.stop_ids = ""
-    # Prompts per sampler call: a 22,527-slot KV cache costs ~0.17 GiB per sequence per device on a
-    # v5p-64 (fsdp 4 x tensor 8), so a 1,536-prompt generation batch runs as 64 calls of 24 x 16
-    # answers. `python -m dapo_jax.plan --config configs/dapo_qwen2_5_32b.py --topology v5p` found it.
-    c.rollout.generation_chunk = 24
+    # Prompts per sampler call: a 22,528-slot KV cache costs ~0.34 GiB per sequence per device on a
+    # v5p-32 (fsdp 2 x tensor 8), so a 1,536-prompt generation batch runs as 192 calls of 8 x 16
+    # answers. `python -m dapo_jax.plan --config configs/dapo_qwen2_5_32b.py --topology v5p-32` checks it
+    # (on a v5p-64, 24 prompts fit; the rollout engine of issue 17 replaces this preallocated cache).
+    c.rollout.generation_chunk = 8
 
     c.reward.overlong_buffer = 4096
     c.reward.overlong_penalty_factor = 1.0
@@ -64,18 +65,18 @@ def get_config():
     c.optim.weight_decay = 0.1
     c.optim.grad_clip = 1.0
     c.optim.minibatch_size = 512  # 32 prompts x 16 answers: 16 updates per rollout step
-    c.optim.microbatch_size = 4  # per forward/backward: one 22.5k-token answer per data-parallel device
-    # (on a larger slice, raise it with the data-parallel devices: 8 on a v5p-128, whose fsdp is 8)
+    c.optim.microbatch_size = 2  # per forward/backward: one 22.5k-token answer per data-parallel device
+    # (on a larger slice, raise it with the data-parallel devices: 4 on a v5p-64, 8 on a v5p-128)
 
     c.eval.every = 10
     c.eval.samples_per_prompt = 32
     c.eval.temperature = 1.0
     c.eval.top_p = 0.7
-    c.eval.prompts_per_batch = 12  # 12 x 32 answers per sampler call (the KV cache, as above)
+    c.eval.prompts_per_batch = 4  # 4 x 32 answers per sampler call (the KV cache, as above)
 
     c.checkpoint.every = 10
     c.checkpoint.keep = 3
-    c.mesh.update(data=1, fsdp=-1, tensor=8)  # v5p-64: fsdp 4 x tensor 8 (the planner's smallest fit)
+    c.mesh.update(data=1, fsdp=-1, tensor=8)  # v5p-32: fsdp 2 x tensor 8 (the planner's smallest fit)
     return c
 
 

@@ -1,7 +1,7 @@
 """Will a config fit? Compile the train step and the sampler ahead of time for a TPU slice (or this
 machine's devices) from shapes alone, and report per-device memory before anything is launched.
 
-    python -m dapo_jax.plan --config configs/dapo_qwen2_5_32b.py --topology v5p-64
+    python -m dapo_jax.plan --config configs/dapo_qwen2_5_32b.py --topology v5p-32
     python -m dapo_jax.plan --config configs/qwen2_5_0_5b.py --topology v5e-8      # one 8-chip host
     python -m dapo_jax.plan --config configs/synthetic_tiny.py --topology cpu      # the devices here
 

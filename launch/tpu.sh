@@ -25,7 +25,7 @@
 #   --dry-run            print the commands instead of running them                    [DRY_RUN=1]
 #
 # Example (the paper's recipe on the slice `python -m dapo_jax.plan` recommends):
-#   launch/tpu.sh --name dapo --zone us-east5-a --accelerator v5p-64 --queued create
+#   launch/tpu.sh --name dapo --zone us-east5-a --accelerator v5p-32 --queued create
 #   launch/tpu.sh --name dapo --zone us-east5-a setup
 #   launch/tpu.sh --name dapo --zone us-east5-a --config configs/dapo_qwen2_5_32b.py \
 #       --workdir runs/dapo-32b --checkpoints gs://my-bucket/dapo-32b run

@@ -16,7 +16,7 @@ def load(name, arg=None):
 
 
 @pytest.mark.parametrize("name,devices", [("synthetic_tiny.py", 1), ("synthetic_tiny.py", 8),
-                                          ("dapo_qwen2_5_32b.py", 32), ("qwen2_5_0_5b.py", 8),
+                                          ("dapo_qwen2_5_32b.py", 16), ("qwen2_5_0_5b.py", 8),
                                           ("qwen2_5_1_5b.py", 8), ("qwen2_5_7b.py", 8), ("ladder.py", 1)])
 def test_shipped_configs_validate(name, devices):
     config_lib.validate(load(name), devices)
