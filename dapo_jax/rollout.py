@@ -198,7 +198,14 @@ def make_logprob_fn(model_config, *, temperature: float, chunk_rows: int, mesh=N
                           out_shardings=(stacked_sharding, rows_sharding))
 
         def jitted(policies, *rows):
-            return sharded(policies, *(sharding.host_to_global(x, rows_sharding) for x in rows))
+            # Under the mesh: attention picks its implementation for the mesh's devices (splash in
+            # shard_map on TPU) and the activations' sharding constraints apply.
+            with jax.set_mesh(mesh):
+                return sharded(policies, *(sharding.host_to_global(x, rows_sharding) for x in rows))
+
+        def lower(policies, *rows):
+            with jax.set_mesh(mesh):
+                return sharded.lower(policies, *rows)
 
     def logprobs(policies, tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray):
         n = tokens.shape[0]
@@ -211,6 +218,8 @@ def make_logprob_fn(model_config, *, temperature: float, chunk_rows: int, mesh=N
             entropy.append(sharding.to_host(part[1]))
         return np.concatenate(logp, axis=1)[:, :n], np.concatenate(entropy)[:n]
 
+    if mesh is not None:
+        logprobs.lower = lower  # compiling ahead of time from ShapeDtypeStructs (the planner, tests)
     return logprobs
 
 

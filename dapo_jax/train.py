@@ -399,18 +399,23 @@ def _lock_run(locks: contextlib.ExitStack, cfg, workdir: Path, checkpoint_dir) -
             locks.enter_context(workdir_lock.Lock(workdir, "workdir"))
             if cfg.checkpoint.dir and str(checkpoint_dir) != str(workdir.absolute()):
                 locks.enter_context(workdir_lock.Lock(checkpoint_dir, "checkpoint.dir"))
-        except workdir_lock.WorkdirInUse as e:
+        except Exception as e:  # noqa: BLE001 - whatever stops process 0 must stop the others, not hang them
             refused = e
     if _on_every_host(refused is not None):
-        raise refused or workdir_lock.WorkdirInUse("process 0 found the workdir or checkpoint.dir in use; see its "
+        raise refused or workdir_lock.WorkdirInUse("process 0 could not lock the workdir or checkpoint.dir; see its "
                                                    "error")
 
 
 def _finished(workdir: Path, steps: int) -> dict | None:
     """The record of a run in `workdir` that finished at least `steps` steps, if there is one."""
     path = workdir / FINISHED
-    record = json.loads(path.read_text()) if jax.process_index() == 0 and path.is_file() else None
-    done = _on_every_host(record is not None and record["step"] >= steps)
+    record = None
+    if jax.process_index() == 0 and path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as e:  # a damaged record: train on (and write it again at the end)
+            log.warning("%s is unreadable (%s); treating the run as unfinished", path, e)
+    done = _on_every_host(record is not None and record.get("step", -1) >= steps)
     return (record or {"step": steps, "metrics": {}}) if done else None
 
 

@@ -199,7 +199,8 @@ def loss_weights(loss_mask, sequence_ids, agg_mode: str, norm_constant: float | 
     ids = np.asarray(sequence_ids)[mask]
     _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
     out = np.zeros(mask.shape, np.float64)
-    per_token = 1.0 / len(counts) if agg_mode == "seq-mean-token-sum" else 1.0 / (counts[inverse] * len(counts))
+    sequences = max(len(counts), 1)  # a mini-batch with no loss token has no weights at all
+    per_token = 1.0 / sequences if agg_mode == "seq-mean-token-sum" else 1.0 / (counts[inverse] * sequences)
     out[mask] = per_token
     return out.astype(np.float32)
 

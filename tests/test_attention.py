@@ -207,3 +207,22 @@ def test_the_train_memory_bench_prints_one_json_line_per_run(capsys):
     line = json.loads(capsys.readouterr().out)
     assert line["bench"] == "train-memory" and set(line["temp_gib"]) == {"64", "256"}
     assert all(v > 0 for v in line["temp_gib"].values())
+
+
+def test_the_log_prob_pass_compiles_splash_in_shard_map_for_a_tpu_slice():
+    """The old-log-prob pass runs under its mesh, so on TPU attention is splash inside shard_map (a
+    Pallas kernel cannot be partitioned automatically)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from dapo_jax import plan, rollout, sharding
+    from dapo_jax.models import loading, qwen2
+
+    mesh = sharding.make_mesh(devices=plan.target("v5p-8").devices)
+    config = loading.random_config("tiny,hidden=256,heads=2,kv_heads=1,layers=1", dtype="bfloat16")  # head_dim 128
+    params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    qwen2.abstract_params(config), qwen2.param_shardings(config, mesh))
+    rows = jax.ShapeDtypeStruct((4, 1024), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+    logprobs = rollout.make_logprob_fn(config, temperature=1.0, chunk_rows=4, mesh=mesh)
+    lowered = logprobs.lower((params,), rows, rows, rows)
+    assert "splash" in lowered.as_text()
+    lowered.compile()

@@ -109,3 +109,9 @@ def test_a_packed_update_on_the_8_device_mesh_equals_one_device(model):
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     sharded, _ = update(config, params, batch, loss_config, minibatches=1, mesh=mesh)
     assert max_difference(sharded.params, single.params) < 2e-6
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_a_mini_batch_without_loss_tokens_gets_no_weights(mode):
+    weights = ts.loss_weights(np.zeros((2, 5)), np.zeros((2, 5), np.int32), mode, norm_constant=8.0)
+    assert weights.shape == (2, 5) and not weights.any()
