@@ -22,8 +22,11 @@ Implementations, chosen by name (`IMPLEMENTATIONS`):
     splash     TPU: the Pallas splash-attention kernel (causal mask + segment ids, forward and
                backward), run per device inside `shard_map` (a Pallas kernel cannot be partitioned
                automatically): rows split over the batch axes, kv heads over the tensor axis.
-    auto       splash on TPU, blockwise elsewhere (GPUs too, until a cuDNN path for packed rows
-               is measured on one).
+    cudnn      NVIDIA GPUs: cuDNN's fused flash attention (through JAX's cuDNN binding), causal within
+               each segment, the segments given to it as ragged offsets and lengths per row
+               (`segment_offsets`), so packed rows need no [T, T] mask.
+    auto       splash on TPU, blockwise elsewhere (on GPUs too, until the cuDNN path is measured on one:
+               `python -m dapo_jax.bench attention --implementations dense,blockwise,cudnn`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from jax.sharding import PartitionSpec
 
 from dapo_jax import sharding
 
-IMPLEMENTATIONS = ("auto", "dense", "blockwise", "splash")
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "splash", "cudnn")
 BLOCK = 512  # the blockwise implementation's default query and key block (tokens)
 _FLOOR = float(jnp.finfo(jnp.float32).min)  # masked scores: finite, so a row that sees nothing stays NaN-free
 
@@ -49,6 +52,8 @@ def attention(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, implementat
         return dense(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
     if impl == "blockwise":
         return blockwise(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, block_q=block_q, block_kv=block_kv)
+    if impl == "cudnn":
+        return cudnn(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
     return splash(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
 
 
@@ -57,6 +62,9 @@ def resolve(implementation: str) -> str:
     devices (a TPU topology compiled ahead of time on a CPU host is TPU), else the default backend."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+    if implementation == "cudnn" and target_platform() not in ("gpu", "cuda"):
+        raise ValueError(f"attention implementation 'cudnn' runs on NVIDIA GPUs only, and this program is for "
+                         f"{target_platform()}: use 'auto' or 'blockwise'")
     if implementation != "auto":
         return implementation
     return "splash" if target_platform() == "tpu" else "blockwise"
@@ -261,3 +269,39 @@ def splash(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, *, interpret: boo
         per_device = jax.shard_map(per_device, mesh=mesh, out_specs=q_spec, check_vma=False,
                                    in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(kv_spec[0])))
     return per_device(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)[:, :T]
+
+
+# -- cudnn: the GPU kernel --------------------------------------------------------------------------
+
+
+def segment_offsets(segment_ids_BxT, max_segments: int | None = None):
+    """(lengths_BxM, starts_BxM1): each row's segments (maximal runs of one nonzero id, in order)
+    as lengths and start offsets, unused entries -1; M = max_segments, default T (always enough).
+    Padding (id 0) belongs to no segment. This is the ragged layout cuDNN takes for packed rows."""
+    B, T = segment_ids_BxT.shape
+    M = max_segments or T
+    seg = segment_ids_BxT
+    previous = jnp.pad(seg, ((0, 0), (1, 0)), constant_values=0)[:, :-1]
+    starts_BxT = (seg != 0) & (seg != previous)
+    index_BxT = jnp.cumsum(starts_BxT, axis=1) - 1  # the segment each token belongs to
+    rows = jnp.arange(B)[:, None]
+    count_B = index_BxT[:, -1] + 1
+    t_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    starts = jnp.full((B, M + 1), T, jnp.int32).at[rows, jnp.where(starts_BxT, index_BxT, M)].min(t_BxT)
+    lengths = jnp.zeros((B, M + 1), jnp.int32).at[rows, jnp.where(seg != 0, index_BxT, M)].add(1)
+    used = jnp.arange(M + 1)[None, :] < count_B[:, None]
+    return jnp.where(used, lengths, -1)[:, :M], jnp.where(used, starts, -1)
+
+
+def cudnn(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT):
+    """cuDNN flash attention (NVIDIA GPUs only; cuDNN 9 or later), causal within each segment.
+    Positions outside every segment (padding) come out as zeros."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    B, T, K, G, D = q_BxTxKxGxD.shape
+    lengths_BxM, starts_BxM1 = segment_offsets(segment_ids_BxT)
+    out = fused.dot_product_attention(
+        q_BxTxKxGxD.reshape(B, T, K * G, D), k_BxTxKxD, v_BxTxKxD, q_seqlen=lengths_BxM, kv_seqlen=lengths_BxM,
+        q_offsets=starts_BxM1, kv_offsets=starts_BxM1, scale=D**-0.5, mask_type=fused.MaskType.CAUSAL,
+        qkv_layout="BTNH")
+    return out.reshape(B, T, K, G, D)

@@ -15,11 +15,39 @@ end-of-sequence id stops it), so tokens/s is batch * new_tokens / seconds.
 
 compiles the train step (one row of each length, one device, nothing executed) and reports XLA's
 memory analysis: the temporaries the step needs beyond its arguments.
+
+    python -m dapo_jax.bench train --checkpoint random:tiny,layers=2,hidden=256,vocab=4096 \
+        --prompt-len 64 --max-response 1024 --answers 64 --rows 8 [--attention dense,blockwise]
+
+times one update of the train step on --answers answers whose lengths are long-tailed (lognormal,
+mean about --mean-fraction of --max-response, capped there, each after a --prompt-len prompt), laid
+out one answer per row (padded) and packed first-fit decreasing into rows of the same width, for
+each attention implementation, in the same run. It reports real (non-padding) tokens per second,
+the passes each layout computes, and the compiled step's temporaries; `packed_vs_padded` is the
+ratio of real tokens per second for each attention implementation.
+
+    python -m dapo_jax.bench engine --checkpoint random:tiny,vocab=1024 --prompts 64 --samples 8 \
+        --new-tokens 1024 --stop-ids 4 --slots 128
+
+times the batch sampler (`dapo_jax.sampling.generate`: every row of a call until its longest is
+done) and the engine (`dapo_jax.engine`: continuous batching over a paged cache) in the same run,
+each on full-length answers (no stop ids: every answer runs to the cap) and on long-tailed ones
+(ids 0..K-1 stop an answer: a random model's lengths are then about geometric), and reports useful
+(generated) tokens per second of each, and the share of the full-length rate each keeps on the
+long tail.
+
+    python -m dapo_jax.bench attention --implementations dense,blockwise[,cudnn|,splash] \
+        --rows 4 --length 8192 [--dtype bfloat16]
+
+runs causal attention forward and backward on packed rows (long-tailed segments) with each
+implementation and reports, against the dense reference in the same run, the largest difference of
+its output and of its gradients, and the seconds per forward+backward.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -116,6 +144,150 @@ def bench_train_memory(args) -> dict:
     return out
 
 
+def long_tailed_lengths(n: int, cap: int, mean_fraction: float, sigma: float, seed: int) -> np.ndarray:
+    """n lognormal answer lengths with mean about mean_fraction * cap before capping, in [1, cap]."""
+    mu = np.log(mean_fraction * cap) - sigma**2 / 2
+    return np.clip(np.round(np.random.RandomState(seed).lognormal(mu, sigma, n)), 1, cap).astype(int)
+
+
+def bench_train(args) -> dict:
+    from dapo_jax import packing, train_step as ts
+    from dapo_jax.models import loading
+
+    spec = args.checkpoint.removeprefix("random:")
+    if not args.checkpoint.startswith("random:"):
+        raise SystemExit("bench train takes random weights: --checkpoint random:<preset>[,field=value]")
+    lengths = long_tailed_lengths(args.answers, args.max_response, args.mean_fraction, args.sigma, args.seed)
+    rng = np.random.RandomState(args.seed + 1)
+    base = loading.random_config(spec)
+    answers = [packing.Answer(rng.randint(0, base.vocab_size, args.prompt_len), rng.randint(0, base.vocab_size, n),
+                              rng.normal(-1.0, 0.1, n).astype(np.float32), float(rng.choice([-1.0, 1.0])))
+               for n in lengths]
+    width = args.prompt_len + args.max_response
+    real_tokens = int(sum(len(a) for a in answers))
+    loss_config = ts.LossConfig(clip_low=0.2, clip_high=0.28, agg_mode="token-mean")
+    optimizer = ts.make_optimizer(ts.OptimizerConfig(), 1)
+    out = {"bench": "train", "checkpoint": args.checkpoint, "answers": args.answers, "prompt_len": args.prompt_len,
+           "max_response": args.max_response, "mean_response": round(float(lengths.mean()), 1),
+           "max_drawn_response": int(lengths.max()), "row_width": width, "rows_per_pass": args.rows,
+           "real_tokens": real_tokens, "device": jax.devices()[0].device_kind, "results": {}}
+    for attention in args.attention.split(","):
+        config, params = loading.load_model(args.checkpoint, seed=args.seed, attention=attention)
+        step = ts.make_train_step(config, loss_config, optimizer, num_minibatches=1, num_microbatches=1)
+        for pack in (False, True):
+            batch = packing.train_batch(answers, num_minibatches=1, per_minibatch=len(answers), budget=width,
+                                        rows_per_micro=args.rows, loss_config=loss_config, pack=pack)
+            state = ts.init_train_state(jax.tree_util.tree_map(jax.numpy.copy, params), optimizer)  # donated
+            compiled = step.jitted(state, batch).lower(state, batch).compile()
+            t = time.perf_counter()
+            state, _ = step(state, batch)
+            jax.block_until_ready(state)
+            first = time.perf_counter() - t
+            times = []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                state, _ = step(state, batch)
+                jax.block_until_ready(state)
+                times.append(time.perf_counter() - t)
+            seconds = float(np.median(times))
+            out["results"][f"{attention}/{'packed' if pack else 'padded'}"] = {
+                "passes": int(batch["micro_batches"][0]), "rows": int(batch["micro_batches"][0]) * args.rows,
+                "real_tokens_per_s": round(real_tokens / seconds, 1), "step_s": round(seconds, 3),
+                "first_step_s": round(first, 3),
+                "temp_gib": round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 3)}
+        r = out["results"]
+        out.setdefault("packed_vs_padded", {})[attention] = round(
+            r[f"{attention}/packed"]["real_tokens_per_s"] / r[f"{attention}/padded"]["real_tokens_per_s"], 2)
+    return out
+
+
+def bench_engine(args) -> dict:
+    from dapo_jax import engine
+
+    config, params = load_model(args.checkpoint, dtype=args.dtype, seed=args.seed)
+    rng = np.random.RandomState(args.seed)
+    prompts = rng.randint(args.stop_ids, config.vocab_size, (args.prompts, args.prompt_len)).tolist()
+    threads = args.host_threads or sampling.auto_host_threads(config, args.prompts, args.samples)
+    common = dict(max_new_tokens=args.new_tokens, num_samples=args.samples, seed=args.seed,
+                  temperature=args.temperature)
+    runs = {
+        "batch": lambda stop: sampling.generate(config, params, prompts, eos_ids=stop, host_threads=threads,
+                                                **common),
+        "engine": lambda stop: engine.generate(config, params, prompts, eos_ids=stop, host_threads=threads,
+                                               slots=args.slots, page_size=args.page_size, segment=args.segment,
+                                               **common),
+    }
+    out = {"bench": "engine", "model": args.checkpoint, "prompts": args.prompts, "samples": args.samples,
+           "new_tokens": args.new_tokens, "stop_ids": args.stop_ids, "slots": args.slots, "segment": args.segment,
+           "page_size": args.page_size, "host_threads": threads, "device": jax.devices()[0].device_kind}
+    for name, run in runs.items():
+        for tail, stop in (("full", ()), ("long_tail", tuple(range(args.stop_ids)))):
+            run(stop)  # compiles every shape this call needs
+            times, tokens = [], 0
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                result = run(stop)
+                times.append(time.perf_counter() - t)
+                tokens = sum(result.lengths)
+            out[f"{name}/{tail}"] = {"tokens_per_s": round(tokens / float(np.median(times)), 1),
+                                     "mean_length": round(tokens / len(result.lengths), 1),
+                                     "seconds": round(float(np.median(times)), 2), "decode_steps": result.decode_steps}
+        out[f"{name}/long_tail_vs_full"] = round(out[f"{name}/long_tail"]["tokens_per_s"] /
+                                                 out[f"{name}/full"]["tokens_per_s"], 3)
+    out["engine_vs_batch/full"] = round(out["engine/full"]["tokens_per_s"] / out["batch/full"]["tokens_per_s"], 3)
+    out["engine_vs_batch/long_tail"] = round(out["engine/long_tail"]["tokens_per_s"] /
+                                             out["batch/long_tail"]["tokens_per_s"], 3)
+    return out
+
+
+def bench_attention(args) -> dict:
+    from dapo_jax import attention
+
+    rng = np.random.RandomState(args.seed)
+    B, T, K, G, D = args.rows, args.length, args.kv_heads, args.groups, args.head_dim
+    dtype = jax.numpy.dtype(args.dtype)
+    q, k, v = (jax.numpy.asarray(rng.normal(size=shape), dtype) for shape in
+               ((B, T, K, G, D), (B, T, K, D), (B, T, K, D)))
+    seg = np.zeros((B, T), np.int32)
+    for row in range(B):  # long-tailed segments back to back, the rest padding
+        start, segment = 0, 1
+        for n in long_tailed_lengths(64, T // 2, 0.25, 1.0, args.seed + row):
+            if start + n > T:
+                break
+            seg[row, start:start + n], start, segment = segment, start + n, segment + 1
+    seg = jax.numpy.asarray(seg)
+    weights = jax.numpy.asarray(rng.normal(size=(B, T, K, G, D)), jax.numpy.float32) * (seg > 0)[..., None, None, None]
+
+    def loss(q, k, v, impl):
+        return jax.numpy.sum(attention.attention(q, k, v, seg, implementation=impl).astype(jax.numpy.float32) * weights)
+
+    out = {"bench": "attention", "rows": B, "length": T, "kv_heads": K, "groups": G, "head_dim": D,
+           "dtype": args.dtype, "segments": int(sum(len(set(np.asarray(r).tolist()) - {0}) for r in seg)),
+           "device": jax.devices()[0].device_kind, "results": {}}
+    reference = None
+    for impl in args.implementations.split(","):
+        run = jax.jit(jax.value_and_grad(functools.partial(loss, impl=impl), argnums=(0, 1, 2)))
+        result = run(q, k, v)
+        jax.block_until_ready(result)
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(run(q, k, v))
+            times.append(time.perf_counter() - t)
+        entry = {"fwd_bwd_s": round(float(np.median(times)), 4)}
+        if reference is None:
+            reference, entry["reference"] = (impl, result), True
+        else:
+            entry["vs"] = reference[0]
+            entry["loss_rel_diff"] = float(abs(result[0] - reference[1][0]) / max(abs(reference[1][0]), 1e-30))
+            entry["max_grad_diff"] = max(float(jax.numpy.max(jax.numpy.abs(
+                (a - b).astype(jax.numpy.float32) * ((seg > 0)[..., None, None] if a.ndim == 4 else
+                                                     (seg > 0)[..., None, None, None])))) for a, b in
+                zip(result[1], reference[1][1]))
+        out["results"][impl] = entry
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m dapo_jax.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,7 +315,54 @@ def main(argv=None):
     m.add_argument("--checkpoint", required=True, help="HF checkpoint directory or random:<preset>[,field=value]")
     m.add_argument("--lengths", default="2048,8192", help="comma-separated row lengths (tokens)")
     m.add_argument("--attention", default="auto", help="model.attention: auto, blockwise, splash or dense")
+    t = sub.add_parser("train", help="real tokens/s of the train step, padded vs packed rows, long-tailed answers")
+    t.add_argument("--checkpoint", default="random:tiny,layers=2,hidden=256,vocab=4096",
+                   help="random:<preset>[,field=value]")
+    t.add_argument("--prompt-len", type=int, default=64)
+    t.add_argument("--max-response", type=int, default=1024, help="the answer cap (row width = prompt + cap)")
+    t.add_argument("--answers", type=int, default=64)
+    t.add_argument("--mean-fraction", type=float, default=0.25, help="mean answer length / cap before capping")
+    t.add_argument("--sigma", type=float, default=1.0, help="the lognormal's sigma (tail weight)")
+    t.add_argument("--rows", type=int, default=8, help="rows per forward/backward pass (optim.microbatch_size)")
+    t.add_argument("--attention", default="dense,blockwise", help="comma-separated model.attention values")
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("engine", help="useful tokens/s of the batch sampler and the engine, full and long-tailed")
+    e.add_argument("--checkpoint", default="random:tiny,vocab=1024", help="random:<preset>[,field=value] or HF dir")
+    e.add_argument("--prompts", type=int, default=64)
+    e.add_argument("--samples", type=int, default=8)
+    e.add_argument("--prompt-len", type=int, default=32)
+    e.add_argument("--new-tokens", type=int, default=1024)
+    e.add_argument("--stop-ids", type=int, default=4, help="ids 0..K-1 end an answer in the long-tailed runs")
+    e.add_argument("--slots", type=int, default=128, help="the engine's decode slots (over all host threads)")
+    e.add_argument("--segment", type=int, default=32, help="the engine's decode steps between admissions")
+    e.add_argument("--page-size", type=int, default=64)
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e.add_argument("--host-threads", type=int, default=None)
+    e.add_argument("--repeats", type=int, default=1)
+    e.add_argument("--seed", type=int, default=0)
+    a = sub.add_parser("attention", help="attention implementations against dense: differences and fwd+bwd time")
+    a.add_argument("--implementations", default="dense,blockwise",
+                   help="comma-separated model.attention values; the first is the reference")
+    a.add_argument("--rows", type=int, default=2)
+    a.add_argument("--length", type=int, default=2048)
+    a.add_argument("--kv-heads", type=int, default=2)
+    a.add_argument("--groups", type=int, default=4, help="query heads per kv head")
+    a.add_argument("--head-dim", type=int, default=128)
+    a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    a.add_argument("--repeats", type=int, default=3)
+    a.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.bench == "engine":
+        print(json.dumps(bench_engine(args)), flush=True)
+        return
+    if args.bench == "attention":
+        print(json.dumps(bench_attention(args)), flush=True)
+        return
+    if args.bench == "train":
+        print(json.dumps(bench_train(args)), flush=True)
+        return
     if args.bench == "train-memory":
         print(json.dumps(bench_train_memory(args)), flush=True)
         return

@@ -38,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.compute_dtype = "float32"
     c.model.remat_policy = "none"
-    c.model.attention = "auto"  # "auto" (splash on TPU, blockwise elsewhere), "blockwise", "splash" or "dense"
+    c.model.attention = "auto"  # "auto" (splash on TPU, blockwise elsewhere), "blockwise", "splash", "cudnn", "dense"
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "synthetic"  # "synthetic" or comma-separated .parquet / .jsonl files
@@ -91,8 +91,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.1
     c.optim.grad_clip = 1.0
     c.optim.minibatch_size = 64  # answers per optimizer update
-    c.optim.microbatch_size = 0  # answers (rows, when packing) per forward/backward pass; 0 = the whole mini-batch
-    c.optim.pack_budget = 0  # tokens per train row holding several answers back to back; 0 = one answer per row
+    # Train rows hold answers (prompt + answer) back to back, first-fit decreasing; a forward/backward
+    # pass takes microbatch_size rows, and only the passes a mini-batch fills are computed.
+    c.optim.packing = True  # False: one answer per row, padded to the longest prompt + answer
+    c.optim.pack_budget = 0  # tokens per train row; 0 = the longest prompt + answer
+    c.optim.microbatch_size = 16  # rows per forward/backward pass; 0 = a whole mini-batch's worth
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 20  # rollout steps; 0 = only before and after training
@@ -271,35 +274,47 @@ def problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
     if cfg.checkpoint.keep < 1 or cfg.checkpoint.every < 1:
         out.append("checkpoint.keep and checkpoint.every must be >= 1")
 
-    if o.pack_budget and o.pack_budget < d.max_prompt_length + r.max_response_length:
+    if o.pack_budget < 0:
+        out.append(f"optim.pack_budget={o.pack_budget} must be >= 0 (0 = the longest prompt + answer)")
+    elif o.pack_budget and o.pack_budget < d.max_prompt_length + r.max_response_length:
         out.append(f"optim.pack_budget={o.pack_budget} cannot hold the longest prompt + answer "
                    f"(data.max_prompt_length {d.max_prompt_length} + rollout.max_response_length "
                    f"{r.max_response_length} = {d.max_prompt_length + r.max_response_length} tokens); raise it to at "
-                   f"least that, or 0 for one answer per row")
-    elif o.pack_budget < 0:
-        out.append(f"optim.pack_budget={o.pack_budget} must be >= 0")
+                   f"least that, or 0 for exactly that")
     rows = r.prompts_per_step * r.samples_per_prompt
     mb = o.minibatch_size
-    micro = o.microbatch_size or mb
+    micro = microbatch_rows(cfg)
     if mb < 1 or rows % mb:
         out.append(f"optim.minibatch_size={mb} does not divide the {rows} answers of a step "
                    f"(prompts_per_step {r.prompts_per_step} x samples_per_prompt {r.samples_per_prompt}); "
                    f"use a divisor of {rows}")
     elif micro < 1 or mb % micro:
-        out.append(f"optim.microbatch_size={micro} does not divide optim.minibatch_size={mb}; use a divisor of {mb}")
+        out.append(f"optim.microbatch_size={micro} does not divide optim.minibatch_size={mb}; use a divisor of {mb} "
+                   f"(a pass takes up to a mini-batch's worth of rows)")
     sizes = _mesh_sizes(cfg.mesh, num_devices)
     if sizes is None:
         out.append(f"mesh {dict(cfg.mesh)} does not fit the {num_devices} devices: make data x fsdp x tensor equal "
                    f"{num_devices}, with at most one size -1")
     elif micro % (sizes["data"] * sizes["fsdp"]):
         shards = sizes["data"] * sizes["fsdp"]
-        out.append(f"micro-batches of {micro} answers do not split over the {shards} data-parallel devices "
+        out.append(f"micro-batches of {micro} rows do not split over the {shards} data-parallel devices "
                    f"(mesh data x fsdp); make optim.microbatch_size (or minibatch_size) a multiple of {shards}")
     slices = cfg.mesh.get("slices", 1)
     if slices < 1 or (sizes is not None and sizes["data"] % slices):
         out.append(f"mesh.slices={slices}: the data axis spans the slices, so mesh.data "
                    f"({sizes['data'] if sizes else cfg.mesh.data}) must be a positive multiple of it")
     return out
+
+
+def microbatch_rows(cfg: ml_collections.ConfigDict) -> int:
+    """Train rows per forward/backward pass: optim.microbatch_size, at most (and 0 =) a mini-batch's worth."""
+    mb = cfg.optim.minibatch_size
+    return min(cfg.optim.microbatch_size or mb, mb)
+
+
+def row_width(cfg: ml_collections.ConfigDict) -> int:
+    """Tokens per train row: optim.pack_budget, or the longest prompt + answer."""
+    return cfg.optim.pack_budget or cfg.data.max_prompt_length + cfg.rollout.max_response_length
 
 
 def sequence_length(cfg: ml_collections.ConfigDict) -> int:

@@ -51,6 +51,12 @@ def first_fit_decreasing(lengths: Sequence[int], budget: int) -> Packed:
     return Packed(rows, budget)
 
 
+def one_per_row(lengths: Sequence[int], budget: int) -> Packed:
+    """Each sequence alone in a row of `budget` tokens, in order (no packing: the padded layout)."""
+    packed = first_fit_decreasing(lengths, budget)  # only for its length check
+    return Packed([[(i, 0)] for i in range(len(lengths))], packed.budget)
+
+
 @dataclasses.dataclass(frozen=True)
 class Answer:
     """One sequence of the batch: its prompt and answer ids and the answer's per-token values."""
@@ -94,19 +100,20 @@ def rows_of(answers: Sequence[Answer], packed: Packed, num_rows: int) -> dict[st
 
 
 def train_batch(answers: Sequence[Answer], *, num_minibatches: int, per_minibatch: int, budget: int,
-                rows_per_micro: int, loss_config: train_step_lib.LossConfig) -> dict[str, np.ndarray]:
+                rows_per_micro: int, loss_config: train_step_lib.LossConfig,
+                pack: bool = True) -> dict[str, np.ndarray]:
     """The train step's batch (see `dapo_jax.train_step`) for `answers` in order: mini-batch m holds
     answers [m * per_minibatch, (m + 1) * per_minibatch) (fewer, or none, for a partial batch),
-    packed on its own into micro-batches of `rows_per_micro` rows of `budget` tokens. The arrays have
-    room for the most micro-batches a mini-batch can need (every answer alone in a row);
-    `micro_batches` says how many each one uses."""
+    packed on its own (`pack=False`: one answer per row) into micro-batches of `rows_per_micro` rows
+    of `budget` tokens. The arrays have room for the most micro-batches a mini-batch can need (every
+    answer alone in a row); `micro_batches` says how many each one uses."""
     if len(answers) > num_minibatches * per_minibatch:
         raise ValueError(f"{len(answers)} answers are more than {num_minibatches} mini-batches of {per_minibatch}")
     most = -(-per_minibatch // rows_per_micro)  # micro-batches when every answer fills a row alone
     parts, counts, tokens = [], [], []
     for m in range(num_minibatches):
         share = answers[m * per_minibatch:(m + 1) * per_minibatch]
-        packed = first_fit_decreasing([len(a) for a in share], budget)
+        packed = (first_fit_decreasing if pack else one_per_row)([len(a) for a in share], budget)
         rows = rows_of(share, packed, most * rows_per_micro)
         rows["loss_weights"] = train_step_lib.loss_weights(rows["loss_mask"], rows["sequence"], loss_config.agg_mode,
                                                            loss_config.norm_constant)

@@ -221,12 +221,12 @@ def _compile(lowered_fn, args_bytes: int) -> Compiled:
 
 
 def train_batch_shapes(cfg: ml_collections.ConfigDict, rows: int, mesh) -> dict:
-    """The train step's batch for `rows` answers: mini-batches x micro-batches of rows x width."""
-    width = cfg.data.max_prompt_length + cfg.rollout.max_response_length
+    """The train step's batch for `rows` answers: mini-batches x micro-batches of rows x width, with
+    room for every answer alone in a row (`dapo_jax.packing`; a pass costs the same however full)."""
     minibatches = rows // cfg.optim.minibatch_size
-    micro = cfg.optim.microbatch_size or cfg.optim.minibatch_size
+    micro = config_lib.microbatch_rows(cfg)
     return train_step_lib.batch_shapes(
-        minibatches, cfg.optim.minibatch_size // micro, micro, width, ref_logp=bool(cfg.algorithm.kl_coef),
+        minibatches, -(-cfg.optim.minibatch_size // micro), micro, config_lib.row_width(cfg), ref_logp=bool(cfg.algorithm.kl_coef),
         row_sharding=NamedSharding(mesh, PartitionSpec(None, None, ("data", "fsdp"))),
         replicated=NamedSharding(mesh, PartitionSpec()))
 
@@ -407,7 +407,7 @@ def proposals(plan: Plan) -> dict[str, object]:
         if 1 <= prompts < plan.sampler_prompts:
             out[field] = prompts
     if plan.train.error or plan.train_peak > HEADROOM * hbm:
-        micro = cfg.optim.microbatch_size or cfg.optim.minibatch_size
+        micro = config_lib.microbatch_rows(cfg)
         dp = plan.mesh_shape["data"] * plan.mesh_shape["fsdp"]
         if cfg.model.remat_policy == "none":
             out["model.remat_policy"] = "full"
@@ -510,9 +510,9 @@ def report(plan: Plan, config_name: str) -> str:
         f"mesh: data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}",
         f"model: {n_params / 1e9:.3g}B parameters from {plan.model_source}; params {cfg.model.param_dtype}, "
         f"compute {cfg.model.compute_dtype}, remat {cfg.model.remat_policy}",
-        f"train step: {plan.cfg.rollout.prompts_per_step * plan.cfg.rollout.samples_per_prompt} answers x "
-        f"{cfg.data.max_prompt_length + cfg.rollout.max_response_length} tokens, mini-batch "
-        f"{cfg.optim.minibatch_size}, micro-batch {cfg.optim.microbatch_size or cfg.optim.minibatch_size}",
+        f"train step: {plan.cfg.rollout.prompts_per_step * plan.cfg.rollout.samples_per_prompt} answers, mini-batch "
+        f"{cfg.optim.minibatch_size}, passes of {config_lib.microbatch_rows(cfg)} rows x "
+        f"{config_lib.row_width(cfg)} tokens ({'packed' if cfg.optim.packing else 'one answer per row'})",
         f"sampler: its largest call ({plan.sampler_phase}) is {plan.sampler_prompts} prompts x "
         f"{plan.sampler_samples} = {plan.sampler_sequences} sequences x {plan.sampler_length} cache slots",
         "",

@@ -1,12 +1,7 @@
-"""Rollouts: G sampled answers per prompt, scored, shaped, and packed into a train batch.
+"""Rollouts: G sampled answers per prompt, scored, shaped, and turned into a train batch's answers.
 
     records --generate (jitted)--> responses --decode, math_dapo score, overlong shaping--> Groups
-    Groups --group advantages, fixed-width packing--> the train step's batch
-
-A row of the train batch is one answer, laid out at a fixed width so that one compilation serves
-every step:
-
-    [ prompt, left-padded to max_prompt_length | response, right-padded to max_response_length ]
+    Groups --old (and reference) log-probs, group advantages--> Answers --dapo_jax.packing--> train batch
 
 The reward of an answer is its correctness score (+1 / -1) plus the soft overlong penalty on its
 token count; accuracy (for dynamic sampling and the metrics) is the correctness alone.
@@ -134,7 +129,7 @@ def generate_groups(model_config, params, records: Sequence[PromptRecord], token
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where prompt and response sit in a train row."""
+    """Where prompt and response sit in a row of one answer (the SFT warmup's batches)."""
 
     max_prompt_length: int
     max_response_length: int
@@ -258,17 +253,6 @@ def entropy_before_update(groups: Sequence[Group]) -> float:
     return sum(sum(g.entropy_sums) for g in known) / tokens if tokens else float("nan")
 
 
-def _per_token(groups: Sequence[Group], field: str, layout: Layout, rows: int) -> np.ndarray:
-    """[rows, width] float32 holding each answer's per-token `field` at its response positions."""
-    out = np.zeros((rows, layout.width), np.float32)
-    p, row = layout.max_prompt_length, 0
-    for g in groups:
-        for values in getattr(g, field):
-            out[row, p:p + len(values)] = values
-            row += 1
-    return out
-
-
 def answers(groups: Sequence[Group], *, norm_by_std: bool, overlong_filter: bool) -> list[packing.Answer]:
     """The groups' answers as sequences for a packed train batch, with their group advantages;
     overlong_filter keeps truncated answers out of the loss (their rewards still count in the
@@ -282,22 +266,3 @@ def answers(groups: Sequence[Group], *, norm_by_std: bool, overlong_filter: bool
                                       trained=not (overlong_filter and g.truncated[j]),
                                       ref_logp=None if g.ref_logp is None else g.ref_logp[j]))
     return out
-
-
-def train_batch(groups: Sequence[Group], layout: Layout, rows: int, *, norm_by_std: bool,
-                overlong_filter: bool) -> dict[str, np.ndarray]:
-    """The train step's batch: packed rows, their old log-probs (and reference log-probs, when the
-    groups carry them) and advantages.
-
-    overlong_filter drops truncated answers from the loss (their advantage still counts in the
-    group's baseline, as in the paper's ablation).
-    """
-    batch = pack(groups, layout, rows)
-    if overlong_filter:
-        truncated = [t for g in groups for t in g.truncated]
-        batch["loss_mask"][:len(truncated)][np.asarray(truncated, bool)] = 0
-    batch["old_logp"] = _per_token(groups, "old_logp", layout, rows)
-    if groups and all(g.ref_logp is not None for g in groups):
-        batch["ref_logp"] = _per_token(groups, "ref_logp", layout, rows)
-    batch["advantages"] = advantages(groups, rows, norm_by_std=norm_by_std)
-    return batch

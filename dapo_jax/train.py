@@ -172,7 +172,7 @@ class Update:
 
     rows: int  # answers per rollout step
     num_minibatches: int  # optimizer updates per rollout step
-    microbatch_rows: int  # answers per forward/backward pass
+    microbatch_rows: int  # train rows per forward/backward pass
     optim_config: train_step_lib.OptimizerConfig
     loss_config: train_step_lib.LossConfig
     optimizer: optax.GradientTransformation
@@ -183,7 +183,7 @@ def make_update(cfg: ml_collections.ConfigDict, model_config, mesh) -> Update:
     r, a, o = cfg.rollout, cfg.algorithm, cfg.optim
     rows = r.prompts_per_step * r.samples_per_prompt
     num_minibatches = rows // o.minibatch_size
-    micro = o.microbatch_size or o.minibatch_size
+    micro = config_lib.microbatch_rows(cfg)
     optim_config = train_step_lib.OptimizerConfig(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
                                                   weight_decay=o.weight_decay, grad_clip=o.grad_clip)
     optimizer = train_step_lib.make_optimizer(optim_config, num_minibatches)
@@ -226,7 +226,6 @@ class Run:
         self.eval_records = load_prompts(cfg, "eval", self.tokenizer, self.data_counts)
         self.stream = datasets.PromptStream(self.train_records, seed=cfg.seed)
 
-        self.layout = rollout.Layout(cfg.data.max_prompt_length, r.max_response_length, self.tokenizer.pad_id)
         self.reward = rollout.RewardConfig(r.max_response_length, cfg.reward.overlong_buffer,
                                            cfg.reward.overlong_penalty_factor)
         update = make_update(cfg, self.model_config, self.mesh)
@@ -274,19 +273,16 @@ class Run:
                         "rollout.max_carry_age=0 to train every step on its own generations", step, r.max_carry_age)
 
         t = time.perf_counter()
-        rollout.attach_logprobs(collected.groups + collected.carry, self.state.params, self.logprobs,
-                                self.cfg.optim.pack_budget or self.layout.width, ref_params=self.ref_params)
+        width = config_lib.row_width(self.cfg)
+        rollout.attach_logprobs(collected.groups + collected.carry, self.state.params, self.logprobs, width,
+                                ref_params=self.ref_params)
         old_logp_seconds = time.perf_counter() - t
         o = self.cfg.optim
-        norm_by_std, overlong_filter = self.cfg.algorithm.norm_by_std, self.cfg.reward.overlong_filter
-        if o.pack_budget:
-            batch = packing.train_batch(
-                rollout.answers(collected.groups, norm_by_std=norm_by_std, overlong_filter=overlong_filter),
-                num_minibatches=self.updates_per_step, per_minibatch=o.minibatch_size, budget=o.pack_budget,
-                rows_per_micro=self.update.microbatch_rows, loss_config=self.update.loss_config)
-        else:
-            batch = rollout.train_batch(collected.groups, self.layout, self.rows, norm_by_std=norm_by_std,
-                                        overlong_filter=overlong_filter)
+        batch = packing.train_batch(
+            rollout.answers(collected.groups, norm_by_std=self.cfg.algorithm.norm_by_std,
+                            overlong_filter=self.cfg.reward.overlong_filter),
+            num_minibatches=self.updates_per_step, per_minibatch=o.minibatch_size, budget=width,
+            rows_per_micro=self.update.microbatch_rows, loss_config=self.update.loss_config, pack=o.packing)
 
         t = time.perf_counter()
         updates_before = int(self.state.updates)

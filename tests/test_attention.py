@@ -119,6 +119,37 @@ def test_auto_is_splash_for_a_tpu_mesh_and_blockwise_here():
         assert attention.resolve("auto") == "splash"
 
 
+def test_cudnn_segment_offsets_describe_exactly_the_visible_pairs():
+    """cuDNN sees each row as ragged segments (start, length), causal within each: the pairs that
+    layout makes visible are the segment ids' visible pairs, minus padding's (which cuDNN leaves out)."""
+    seg = np.zeros((5, 40), np.int32)
+    _, _, _, seg[:2] = inputs(B=2)  # left-padded, and three packed sequences with trailing padding
+    seg[2, :40] = np.repeat(np.arange(1, 11), 4)  # ten packed sequences filling the row
+    seg[3, 0] = 7  # a one-token sequence with other ids than 1, 2, ...
+    seg[3, 1:30] = 9
+    # seg[4]: all padding
+    lengths, starts = (np.asarray(x) for x in attention.segment_offsets(jnp.asarray(seg)))
+    assert lengths.shape == (5, 40) and starts.shape == (5, 41)
+    assert lengths[1, :4].tolist() == [11, 14, 12, -1] and starts[1, :4].tolist() == [0, 11, 25, -1]
+    assert (lengths[4] == -1).all() and (starts[4] == -1).all()
+    T = seg.shape[1]
+    t = np.arange(T)
+    for row in range(len(seg)):
+        from_offsets = np.zeros((T, T), bool)
+        for length, start in zip(lengths[row], starts[row]):
+            if length < 0:
+                break
+            inside = (t >= start) & (t < start + length)
+            from_offsets |= inside[:, None] & inside[None, :] & (t[None, :] <= t[:, None])
+        expected = np.asarray(attention.visible(jnp.asarray(seg[row:row + 1])))[0] & (seg[row] != 0)[:, None]
+        np.testing.assert_array_equal(from_offsets, expected)
+
+
+def test_cudnn_off_an_nvidia_gpu_says_what_to_use():
+    with pytest.raises(ValueError, match="'cudnn' runs on NVIDIA GPUs only, and this program is for cpu: use 'auto'"):
+        attention.attention(*inputs(), implementation="cudnn")
+
+
 def test_splash_matches_dense_through_the_pallas_interpreter():
     q, k, v, seg = inputs(B=2, T=200, K=1, G=2, D=128)  # padded to 256 inside
     splash = lambda *a: attention.splash(*a, interpret=True)  # noqa: E731
@@ -226,3 +257,15 @@ def test_the_log_prob_pass_compiles_splash_in_shard_map_for_a_tpu_slice():
     lowered = logprobs.lower((params,), rows, rows, rows)
     assert "splash" in lowered.as_text()
     lowered.compile()
+
+
+def test_the_attention_bench_compares_each_implementation_with_the_first(capsys):
+    import json
+
+    from dapo_jax import bench
+
+    bench.main(["attention", "--length", "256", "--head-dim", "32", "--repeats", "1"])
+    line = json.loads(capsys.readouterr().out)
+    assert line["results"]["dense"]["reference"] and line["segments"] >= 2
+    blockwise = line["results"]["blockwise"]
+    assert blockwise["vs"] == "dense" and blockwise["loss_rel_diff"] < 1e-5 and blockwise["max_grad_diff"] < 1e-4

@@ -115,3 +115,18 @@ def test_a_packed_update_on_the_8_device_mesh_equals_one_device(model):
 def test_a_mini_batch_without_loss_tokens_gets_no_weights(mode):
     weights = ts.loss_weights(np.zeros((2, 5)), np.zeros((2, 5), np.int32), mode, norm_constant=8.0)
     assert weights.shape == (2, 5) and not weights.any()
+
+
+def test_the_train_bench_packs_long_tailed_answers_into_fewer_passes(capsys):
+    import json
+
+    from dapo_jax import bench
+
+    bench.main(["train", "--checkpoint", "random:tiny,layers=1", "--answers", "12", "--max-response", "96",
+                "--prompt-len", "8", "--rows", "2", "--attention", "blockwise", "--repeats", "1"])
+    line = json.loads(capsys.readouterr().out)
+    padded, packed = line["results"]["blockwise/padded"], line["results"]["blockwise/packed"]
+    assert padded["passes"] == 6 and padded["rows"] == 12 and line["row_width"] == 104
+    # the lengths are long-tailed (lognormal, mean ~1/4 of the cap), so several answers share a row
+    assert packed["passes"] < padded["passes"] and packed["temp_gib"] == padded["temp_gib"]
+    assert line["packed_vs_padded"]["blockwise"] > 0 and line["real_tokens"] == 12 * 8 + round(line["mean_response"] * 12)

@@ -57,7 +57,7 @@ def problems_with(devices=1, **changes):
     (dict(rollout__on_gen_batch_limit="wait"), "rollout.on_gen_batch_limit='wait'"),
     (dict(data__truncation="right"), "data.truncation='right'"),
     (dict(rollout__top_p=0.0), "rollout.top_p=0.0 must be in (0, 1]"),
-    (dict(model__attention="flash"), "model.attention='flash': use one of ('auto', 'dense', 'blockwise', 'splash')"),
+    (dict(model__attention="flash"), "model.attention='flash': use one of ('auto', 'dense', 'blockwise', 'splash', 'cudnn')"),
     (dict(algorithm__clip_high=5.0), "algorithm.clip_high=5.0 must be in [0, 1] (the paper: 0.28)"),
     (dict(algorithm__kl_coef=-0.01), "algorithm.kl_coef=-0.01 must be >= 0"),
     (dict(algorithm__kl_estimator="low_var"), "algorithm.kl_estimator='low_var': use one of ('k1', 'k2', 'k3')"),
@@ -65,6 +65,9 @@ def problems_with(devices=1, **changes):
     (dict(log_every=0), "log_every and eval.prompts_per_batch must be >= 1"),
     (dict(rollout__prompt_bucket=0), "rollout.prompt_bucket=0 must be >= 1"),
     (dict(mesh__tensor=3), "does not fit the 1 devices"),
+    (dict(optim__pack_budget=64), "optim.pack_budget=64 cannot hold the longest prompt + answer (data.max_prompt_length "
+                                  "40 + rollout.max_response_length 48 = 88 tokens); raise it to at least that"),
+    (dict(optim__pack_budget=-1), "optim.pack_budget=-1 must be >= 0"),
 ])
 def test_invalid_combinations_say_what_to_change(changes, expected):
     found = problems_with(**changes)
@@ -74,6 +77,15 @@ def test_invalid_combinations_say_what_to_change(changes, expected):
 def test_batch_rows_must_split_over_the_data_parallel_devices():
     found = problems_with(devices=8, optim__microbatch_size=4)
     assert any("do not split over the 8 data-parallel devices" in p and "multiple of 8" in p for p in found), found
+
+
+def test_a_pass_takes_microbatch_size_rows_of_the_pack_budget_at_most_a_minibatch():
+    c = config_lib.default_config()
+    assert c.optim.packing and config_lib.row_width(c) == 88 and config_lib.microbatch_rows(c) == 16
+    c.optim.pack_budget, c.optim.minibatch_size = 200, 8
+    assert config_lib.row_width(c) == 200 and config_lib.microbatch_rows(c) == 8
+    c.optim.microbatch_size = 0
+    assert config_lib.microbatch_rows(c) == 8 and not problems_with(optim__pack_budget=200, optim__microbatch_size=0)
 
 
 def test_validate_reports_every_problem_at_once():

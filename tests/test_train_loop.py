@@ -278,6 +278,7 @@ def test_a_second_run_into_a_workdir_in_use_is_refused_before_writing(tmp_path):
 
 def test_a_step_on_packed_rows_trains_as_one_answer_per_row(tmp_path):
     plain = small_config(steps=1)
+    plain.optim.packing = False
     packed = small_config(steps=1)
     packed.optim.pack_budget, packed.optim.microbatch_size = 96, 8  # up to ~3 answers a row, 8 rows a pass
     a, b = train.Run(plain, tmp_path / "a"), train.Run(packed, tmp_path / "b")

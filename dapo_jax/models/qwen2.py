@@ -30,7 +30,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dapo_jax import attention, sharding
+from dapo_jax import attention, paged, sharding
 from dapo_jax.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -409,6 +409,7 @@ class Attention(nn.Module):
         With a cache, the T new keys and values go to slots [cache_index, cache_index + T) of layer
         `layer`; only those slots are written, so a decode step costs no copy of the cache. Given
         `segment_ids_BxT` (and no mask) the T tokens attend to each other alone, segment by segment.
+        With a `paged.PagedKVCache` (one decode step, T = 1), cache_index [B] is each row's position.
         """
         c = self.config
         E, H, K, D, dtype = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.kv_head_dim, c.compute_dtype
@@ -423,36 +424,42 @@ class Attention(nn.Module):
         k_BxKxDxT = k_BxTxKxD.transpose(0, 2, 3, 1)
         v_BxKxTxD = project("v_proj", K, "kv_heads").transpose(0, 2, 1, 3)
 
-        if cache is not None:
-            stacked = layer is not None  # [layers, B, ...] (scanned layers) or one layer's [B, ...]
-
-            def write(buffer, new, slot_axis):
-                start = [0] * new.ndim
-                start[slot_axis] = cache_index
-                if stacked:
-                    new, start = new[None], [layer] + start
-                return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
-
-            cache = KVCache(k=write(cache.k, k_BxKxDxT, 3), v=write(cache.v, v_BxKxTxD, 2))
-            k_BxKxDxS, v_BxKxSxD = cache.k, cache.v
-            if stacked:
-                k_BxKxDxS = jax.lax.dynamic_index_in_dim(k_BxKxDxS, layer, keepdims=False)
-                v_BxKxSxD = jax.lax.dynamic_index_in_dim(v_BxKxSxD, layer, keepdims=False)
-            # Attend over the slots the mask covers; it may be shorter than the cache (the sampler
-            # leaves the not-yet-written end out). A prefill attends to its own T tokens alone.
-            if mask_BxTxS is not None:
-                span = mask_BxTxS.shape[-1]
-                k_BxKxDxS, v_BxKxSxD = k_BxKxDxS[..., :span], v_BxKxSxD[:, :, :span]
-        else:
-            k_BxKxDxS, v_BxKxSxD = k_BxKxDxT, v_BxKxTxD
-
         B, T = x_BxTxE.shape[:2]
         q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
-        if segment_ids_BxT is not None:
-            out_BxTxKxGxD = attention.attention(q_BxTxKxGxD, k_BxTxKxD, v_BxKxTxD.transpose(0, 2, 1, 3),
-                                                segment_ids_BxT, implementation=c.attention)
+        if isinstance(cache, paged.PagedKVCache):
+            # A decode step over a paged cache: slot b's token sits at position cache_index[b] and
+            # sees its keys up to there, in the pages its table row lists.
+            cache = cache.write(k_BxTxKxD[:, 0], v_BxKxTxD[:, :, 0], cache_index, layer)
+            k_BxKxSxD, v_BxKxSxD = cache.read(layer)
+            out_BxTxKxGxD = paged.attend(q_BxTxKxGxD[:, 0], k_BxKxSxD, v_BxKxSxD, cache_index + 1)[:, None]
         else:
-            out_BxTxKxGxD = attend(q_BxTxKxGxD, k_BxKxDxS.astype(dtype), v_BxKxSxD.astype(dtype), mask_BxTxS)
+            if cache is not None:
+                stacked = layer is not None  # [layers, B, ...] (scanned layers) or one layer's [B, ...]
+
+                def write(buffer, new, slot_axis):
+                    start = [0] * new.ndim
+                    start[slot_axis] = cache_index
+                    if stacked:
+                        new, start = new[None], [layer] + start
+                    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
+
+                cache = KVCache(k=write(cache.k, k_BxKxDxT, 3), v=write(cache.v, v_BxKxTxD, 2))
+                k_BxKxDxS, v_BxKxSxD = cache.k, cache.v
+                if stacked:
+                    k_BxKxDxS = jax.lax.dynamic_index_in_dim(k_BxKxDxS, layer, keepdims=False)
+                    v_BxKxSxD = jax.lax.dynamic_index_in_dim(v_BxKxSxD, layer, keepdims=False)
+                # Attend over the slots the mask covers; it may be shorter than the cache (the sampler
+                # leaves the not-yet-written end out). A prefill attends to its own T tokens alone.
+                if mask_BxTxS is not None:
+                    span = mask_BxTxS.shape[-1]
+                    k_BxKxDxS, v_BxKxSxD = k_BxKxDxS[..., :span], v_BxKxSxD[:, :, :span]
+            else:
+                k_BxKxDxS, v_BxKxSxD = k_BxKxDxT, v_BxKxTxD
+            if segment_ids_BxT is not None:
+                out_BxTxKxGxD = attention.attention(q_BxTxKxGxD, k_BxTxKxD, v_BxKxTxD.transpose(0, 2, 1, 3),
+                                                    segment_ids_BxT, implementation=c.attention)
+            else:
+                out_BxTxKxGxD = attend(q_BxTxKxGxD, k_BxKxDxS.astype(dtype), v_BxKxSxD.astype(dtype), mask_BxTxS)
         out_BxTxHxD = constrain(out_BxTxKxGxD.reshape(B, T, H, D), ("batch", "length", "heads", "head_dim"))
         y_BxTxE = Linear(c, "btf,fe->bte", (H, D, E), ("heads", "head_dim", "embed"), flat_input=True,
                          name="o_proj")(out_BxTxHxD.reshape(B, T, H * D))
@@ -532,6 +539,14 @@ class Qwen2ForCausalLM(nn.Module):
         head_VxE = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
         return project_to_vocab(self.config, head_VxE, hidden_BxTxE)
 
+    def decode_paged(self, tokens_Bx1, positions_B, cache: paged.PagedKVCache):
+        """One decode step over a paged cache (stacked layers): row b feeds tokens_Bx1[b] at
+        position positions_B[b]. Logits [B, 1, vocab] in float32 and the cache."""
+        x_BxTxE = self.embed(tokens_Bx1)
+        (x_BxTxE, cache), _ = self.layers((x_BxTxE, cache), jnp.arange(self.config.num_hidden_layers),
+                                          positions_B[:, None], None, positions_B, None)
+        return self.head(x_BxTxE), cache
+
     def __call__(self, tokens_BxT, positions_BxT, attention_mask_BxS, cache: KVCache | None = None,
                  cache_index=0, *, segment_ids_BxT=None, return_hidden: bool = False):
         """Logits [B, T, vocab] in float32 (or final hidden states), and the updated cache.
@@ -583,9 +598,20 @@ def apply_unrolled(config: Qwen2Config, params, layers: list, head_ExV, tokens_B
     the caller). XLA:CPU's matmul re-lays a transposed right operand out at every call: with the
     stored [vocab, embed] table the tiny model's logits product took twice as long per step.
     """
+    mask_BxTxS = causal_mask(attention_mask_BxS, tokens_BxT.shape[1], cache_index)
+    return _unrolled(config, params, layers, head_ExV, tokens_BxT, positions_BxT, mask_BxTxS, caches, cache_index)
+
+
+def apply_unrolled_paged(config: Qwen2Config, params, layers: list, head_ExV, tokens_Bx1, positions_B,
+                         caches: list[paged.PagedKVCache]):
+    """One decode step with the layer loop written out (see `apply_unrolled`) over per-layer paged
+    caches: row b feeds tokens_Bx1[b] at position positions_B[b]. Logits [B, 1, V] and the caches."""
+    return _unrolled(config, params, layers, head_ExV, tokens_Bx1, positions_B[:, None], None, caches, positions_B)
+
+
+def _unrolled(config, params, layers, head_ExV, tokens_BxT, positions_BxT, mask_BxTxS, caches, cache_index):
     model = Qwen2ForCausalLM(config)
     x_BxTxE = model.apply({"params": params}, tokens_BxT, method=Qwen2ForCausalLM.embed)
-    mask_BxTxS = causal_mask(attention_mask_BxS, tokens_BxT.shape[1], cache_index)
     new_caches = []
     for layer_params, cache in zip(layers, caches, strict=True):
         (x_BxTxE, cache), _ = DecoderLayer(config).apply({"params": layer_params}, (x_BxTxE, cache), None,

@@ -1,0 +1,348 @@
+"""A rollout engine: continuous batching over a paged KV cache.
+
+    work: (prompt i, sample j) for every prompt and sample, in order
+    repeat until the work is done:
+        admit   free slots take the next work; each new prompt is prefilled once and its keys and
+                values copied into the pages of each of its samples' slots; token 0 is sampled
+        decode  every busy slot decodes `segment` tokens on device (one jitted loop that stops early
+                when all are done), its pages handed out beforehand
+        collect finished slots' answers are read back; their pages and the slots are freed
+
+A slot holds one (prompt, sample) at a time, so a long answer occupies one slot while the short ones
+around it finish and are replaced: the device keeps decoding useful rows instead of waiting for the
+longest row of a batch. The cache is a pool of pages (`dapo_jax.paged`) that slots draw from as
+they grow, so its size is set by the tokens held, not rows x the longest answer. When the pool runs
+short, the most recently admitted slots give their pages back and their work is queued again from
+the start (a recomputation, as vLLM does): its tokens are the same when it runs again.
+
+Determinism: the random numbers of (prompt i, sample j) come from its row index i * G + j in the
+request (as in `dapo_jax.sampling`), and every decision of the host loop follows from what the
+device returned, so sample j of prompt i gets the same tokens whatever slot it lands in and however
+many slots there are (up to float rounding of the logits in a batch of another size).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dapo_jax import paged
+from dapo_jax.models import qwen2
+from dapo_jax.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
+from dapo_jax.sampling import SamplingConfig, sample_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """The engine's sizes. Hashable: part of its jitted functions' static arguments."""
+
+    slots: int  # rows decoded together
+    page_size: int = 64  # tokens per page
+    pages: int = 0  # pages in the pool; 0 = enough for every slot at the longest length (never preempts)
+    segment: int = 32  # decode steps per device call between admissions
+
+    def __post_init__(self):
+        for name in ("slots", "page_size", "segment"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine {name}={getattr(self, name)} must be >= 1")
+        if self.pages < 0:
+            raise ValueError(f"engine pages={self.pages} must be >= 0 (0 = enough for every slot)")
+
+
+@flax.struct.dataclass
+class Slots:
+    """What the device holds per slot."""
+
+    tokens_SxM: jax.Array
+    logprobs_SxM: jax.Array
+    lengths_S: jax.Array  # tokens sampled so far
+    done_S: jax.Array
+    stopped_S: jax.Array  # ended by a stop id (not by the length cap)
+    prompt_len_S: jax.Array
+    uniforms_SxMx2: jax.Array  # the row's random numbers, drawn at admission
+
+    @classmethod
+    def empty(cls, slots: int, max_new_tokens: int) -> Slots:
+        S, M = slots, max_new_tokens
+        return cls(jnp.zeros((S, M), jnp.int32), jnp.zeros((S, M), jnp.float32), jnp.zeros((S,), jnp.int32),
+                   jnp.ones((S,), bool), jnp.zeros((S,), bool), jnp.zeros((S,), jnp.int32),
+                   jnp.zeros((S, M, 2), jnp.float32))
+
+
+def _draws(rng, row_A, max_new_tokens: int):
+    """[A, M, 2] uniforms of rows row_A: the same as `sampling._generate` draws for those rows."""
+    return jax.vmap(lambda row: jax.random.uniform(jax.random.fold_in(rng, row), (max_new_tokens, 2)))(row_A)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4))
+def _admit(config: Qwen2Config, sampling: SamplingConfig, params, cache, slots: Slots, prompt_QxP, prompt_len_Q,
+           slot_A, source_A, row_A, pages_AxN, rng):
+    """Prefill Q right-padded prompts once, copy prompt source_A[a] into the pages of slot slot_A[a]
+    (entries with slot_A = slots are padding: dropped) and sample its token 0."""
+    Q, P = prompt_QxP.shape
+    M = sampling.max_new_tokens
+    mask_QxP = (jnp.arange(P)[None, :] < prompt_len_Q[:, None]).astype(jnp.int32)
+    hidden_QxPxE, dense = Qwen2ForCausalLM(config).apply(
+        {"params": params}, prompt_QxP, qwen2.positions_from_mask(mask_QxP), mask_QxP, KVCache.zeros(config, Q, P), 0,
+        return_hidden=True)
+    last_QxE = jnp.take_along_axis(hidden_QxPxE, (prompt_len_Q - 1)[:, None, None], axis=1)
+    logits_QxV = qwen2.project_to_vocab(config, qwen2.vocab_head(config, params), last_QxE)[:, 0]
+    cache = paged.write_prompts(cache, dense.k, dense.v, pages_AxN, source_A)
+
+    uniforms_AxMx2 = _draws(rng, row_A, M)
+    token_A, logprob_A = sample_tokens(logits_QxV[source_A], uniforms_AxMx2[:, 0], sampling)
+    stopped_A = jnp.isin(token_A, jnp.asarray(sampling.eos_ids or (-1,), jnp.int32))
+    put = lambda x, new: x.at[slot_A].set(new, mode="drop")  # noqa: E731
+    slots = Slots(
+        tokens_SxM=put(slots.tokens_SxM, jnp.zeros((len(slot_A), M), jnp.int32).at[:, 0].set(token_A)),
+        logprobs_SxM=put(slots.logprobs_SxM, jnp.zeros((len(slot_A), M), jnp.float32).at[:, 0].set(logprob_A)),
+        lengths_S=put(slots.lengths_S, jnp.ones_like(slot_A)),
+        done_S=put(slots.done_S, stopped_A | (M == 1)),
+        stopped_S=put(slots.stopped_S, stopped_A),
+        prompt_len_S=put(slots.prompt_len_S, prompt_len_Q[source_A]),
+        uniforms_SxMx2=put(slots.uniforms_SxMx2, uniforms_AxMx2))
+    return cache, slots
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4, 5))
+def _decode(config: Qwen2Config, sampling: SamplingConfig, steps: int, params, cache, slots: Slots, table_SxN,
+            busy_S):
+    """Up to `steps` decode steps of every busy, unfinished slot (fewer when all finish). The table
+    lists each slot's pages up to the span this call reads."""
+    M = sampling.max_new_tokens
+    eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
+    unrolled = isinstance(cache, list)
+    if unrolled:
+        layers = qwen2.unstack_layers(params)
+        head_ExV = qwen2.vocab_head(config, params).T
+        cache = [c.replace(table=table_SxN) for c in cache]
+    else:
+        cache = cache.replace(table=table_SxN)
+    rows = jnp.arange(table_SxN.shape[0])
+    page_size = (cache[0] if unrolled else cache).page_size
+
+    def step(carry):
+        i, cache, s = carry
+        live_S = busy_S & ~s.done_S
+        fed_S = s.tokens_SxM[rows, jnp.maximum(s.lengths_S - 1, 0)]
+        position_S = s.prompt_len_S + s.lengths_S - 1
+        # Finished and idle slots still run (fixed shapes) but write nowhere: their position is
+        # moved past their table, so their keys and values are dropped.
+        position_S = jnp.where(live_S, position_S, table_SxN.shape[1] * page_size)
+        if unrolled:
+            logits_Sx1xV, new_cache = qwen2.apply_unrolled_paged(config, params, layers, head_ExV, fed_S[:, None],
+                                                                 position_S, cache)
+        else:
+            logits_Sx1xV, new_cache = Qwen2ForCausalLM(config).apply(
+                {"params": params}, fed_S[:, None], position_S, cache, method=Qwen2ForCausalLM.decode_paged)
+        index_S = jnp.minimum(s.lengths_S, M - 1)
+        token_S, logprob_S = sample_tokens(logits_Sx1xV[:, 0], s.uniforms_SxMx2[rows, index_S], sampling)
+        token_S = jnp.where(live_S, token_S, 0)
+        stop_S = live_S & jnp.isin(token_S, eos)
+        s = s.replace(
+            tokens_SxM=s.tokens_SxM.at[rows, index_S].set(jnp.where(live_S, token_S, s.tokens_SxM[rows, index_S])),
+            logprobs_SxM=s.logprobs_SxM.at[rows, index_S].set(
+                jnp.where(live_S, logprob_S, s.logprobs_SxM[rows, index_S])),
+            lengths_S=s.lengths_S + live_S,
+            done_S=s.done_S | stop_S | (live_S & (s.lengths_S + 1 >= M)),
+            stopped_S=s.stopped_S | stop_S)
+        return i + 1, new_cache, s
+
+    _, cache, slots = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(busy_S & ~c[2].done_S), step,
+                                         (jnp.array(0, jnp.int32), cache, slots))
+    if unrolled:
+        cache = [c.replace(table=None) for c in cache]
+    else:
+        cache = cache.replace(table=None)
+    return cache, slots
+
+
+@dataclasses.dataclass
+class Result:
+    tokens: list[int]
+    logprobs: list[float]
+    truncated: bool
+
+
+def _bucket(n: int, most: int) -> int:
+    """n rounded up to a power of two, at most `most`."""
+    return min(most, 1 << max(0, (n - 1).bit_length()))
+
+
+class Engine:
+    """Continuous batching for one model's params on one device (see the module docstring)."""
+
+    def __init__(self, config: Qwen2Config, params, sampling: SamplingConfig, engine: EngineConfig, *,
+                 prompt_bucket: int = 32, layer_loop: str = "unrolled"):
+        self.config, self.params, self.sampling, self.engine = config, params, sampling, engine
+        self.layer_loop = layer_loop
+        ps = engine.page_size
+        self.bucket = -(-max(prompt_bucket, 1) // ps) * ps  # prompts are padded to whole pages
+        self.decode_steps = 0
+        self.preempted = 0
+
+    def run(self, prompts: Sequence[Sequence[int]], rng, first_row: int = 0) -> list[Result]:
+        """Every prompt's num_samples answers, prompt-major; row numbers (the random streams) start
+        at first_row."""
+        cfg, e, G, M = self.config, self.engine, self.sampling.num_samples, self.sampling.max_new_tokens
+        ps, S = e.page_size, e.slots
+        longest = max(len(p) for p in prompts)
+        width = -(-longest // self.bucket) * self.bucket
+        most = -(-(longest + M - 1) // ps)  # the pages of the longest prompt's answer at full length
+        pages_per_slot = max(most, width // ps)  # (the prefill writes whole padded prompts)
+        pool = e.pages or S * most
+        if pool < most:
+            raise ValueError(f"engine pages={pool} cannot hold one answer ({most} pages of {ps} tokens for the "
+                             f"{longest}-token prompt and {M} new tokens); give it at least that many")
+        cache = paged.PagedKVCache.zeros(cfg, pool, ps, per_layer=self.layer_loop == "unrolled")
+        slots = Slots.empty(S, M)
+        table = np.full((S, pages_per_slot), pool, np.int32)
+        free_pages = collections.deque(range(pool))
+        free_slots = collections.deque(range(S))
+        queue = collections.deque(range(len(prompts) * G))
+        owner: dict[int, int] = {}  # slot -> work item
+        admitted: dict[int, int] = {}  # slot -> admission order (the latest give way first)
+        held = {s: 0 for s in range(S)}  # pages handed to each slot
+        lengths = np.zeros(S, np.int64)
+        results: dict[int, Result] = {}
+        order = 0
+
+        def pages_for(tokens) -> int:
+            return int(-(-tokens // ps))
+
+        def give(slot: int, count: int) -> None:
+            for k in range(held[slot], count):
+                table[slot, k] = free_pages.popleft()
+            held[slot] = max(held[slot], count)
+
+        def release(slot: int) -> None:
+            for k in range(held[slot]):
+                free_pages.append(int(table[slot, k]))
+            table[slot, :] = pool
+            held[slot] = 0
+            owner.pop(slot)
+            admitted.pop(slot)
+            free_slots.append(slot)
+
+        while queue or owner:
+            # admit: the next work into free slots, as long as the pool has its prompt's pages and
+            # its first segment's
+            admit = []
+            while queue and free_slots:
+                item = queue[0]
+                plen = len(prompts[item // G])
+                need = pages_for(min(plen + e.segment, plen + M - 1))
+                if len(free_pages) < need:
+                    break
+                queue.popleft()
+                slot = free_slots.popleft()
+                give(slot, need)
+                owner[slot], admitted[slot], lengths[slot] = item, order, 1
+                order += 1
+                admit.append(slot)
+            if admit:
+                cache, slots = self._admit(cache, slots, prompts, admit, owner, table, width, rng, first_row)
+            # every busy slot's pages for the next segment; short of pages, the latest admitted give way
+            while True:
+                need = {s: pages_for(min(len(prompts[owner[s] // G]) + lengths[s] + e.segment - 1,
+                                         len(prompts[owner[s] // G]) + M - 1)) for s in owner}
+                short = sum(max(0, n - held[s]) for s, n in need.items()) - len(free_pages)
+                if short <= 0:
+                    break
+                victim = max(admitted, key=admitted.get)
+                queue.appendleft(owner[victim])
+                release(victim)
+                self.preempted += 1
+                if not owner:
+                    raise RuntimeError("the page pool cannot hold one slot's next segment")  # pool >= pages_per_slot
+            for s, n in need.items():
+                give(s, n)
+            busy = np.zeros(S, bool)
+            busy[list(owner)] = True
+            span = _bucket(max(held[s] for s in owner), pages_per_slot)
+            cache, slots = _decode(cfg, self.sampling, e.segment, self.params, cache, slots,
+                                   jnp.asarray(table[:, :span]), jnp.asarray(busy))
+            done, new_lengths = (np.asarray(x) for x in jax.device_get((slots.done_S, slots.lengths_S)))
+            self.decode_steps += int((new_lengths[busy] - lengths[busy]).max(initial=0))
+            lengths[busy] = new_lengths[busy]
+            finished = [s for s in owner if done[s]]
+            if finished:
+                index = jnp.asarray(finished)
+                tokens, logprobs, stopped = jax.device_get(
+                    (slots.tokens_SxM[index], slots.logprobs_SxM[index], slots.stopped_S[index]))
+                for k, s in enumerate(finished):
+                    n = int(lengths[s])
+                    results[owner[s]] = Result(tokens[k, :n].tolist(), logprobs[k, :n].tolist(), not bool(stopped[k]))
+                    release(s)
+        return [results[i] for i in range(len(prompts) * G)]
+
+    def _admit(self, cache, slots, prompts, admit, owner, table, width, rng, first_row):
+        G, S = self.sampling.num_samples, self.engine.slots
+        sources = sorted({owner[s] // G for s in admit})
+        a = _bucket(len(admit), S)
+        q = a  # one size for both: fewer shapes to compile (log2(slots) per prompt width)
+        prompt_QxP = np.zeros((q, width), np.int32)
+        prompt_len_Q = np.ones(q, np.int32)
+        for k, i in enumerate(sources):
+            prompt_QxP[k, :len(prompts[i])] = prompts[i]
+            prompt_len_Q[k] = len(prompts[i])
+        where = {i: k for k, i in enumerate(sources)}
+        slot_A = np.full(a, S, np.int32)
+        source_A = np.zeros(a, np.int32)
+        row_A = np.zeros(a, np.int32)
+        pool = (cache[0] if isinstance(cache, list) else cache).pages
+        pages_AxN = np.full((a, width // self.engine.page_size), pool, np.int32)  # (no page: dropped)
+        for k, s in enumerate(admit):
+            slot_A[k], source_A[k], row_A[k] = s, where[owner[s] // G], first_row + owner[s]
+            pages_AxN[k] = table[s, :pages_AxN.shape[1]]
+        return _admit(self.config, self.sampling, self.params, cache, slots, jnp.asarray(prompt_QxP),
+                      jnp.asarray(prompt_len_Q), jnp.asarray(slot_A), jnp.asarray(source_A), jnp.asarray(row_A),
+                      jnp.asarray(pages_AxN), rng)
+
+
+def generate(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
+             num_samples: int = 1, seed: int = 0, slots: int = 0, page_size: int = 64, pages: int = 0,
+             segment: int = 32, prompt_bucket: int = 32, layer_loop: str = "auto", host_threads: int = 1):
+    """`dapo_jax.sampling.generate`'s contract on the engine (one device): `slots` rows decode at
+    once (0 = every answer at once), split over `host_threads` engines side by side (each with its
+    share of the slots and pages and a contiguous share of the prompts; a CPU host's cores)."""
+    from dapo_jax.sampling import GenerateOutput, pad_prompts
+
+    pad_prompts(prompts, config.vocab_size, 1)  # the same checks on the prompts
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+                              top_k=int(top_k), eos_ids=tuple(int(e) for e in eos_ids), num_samples=num_samples,
+                              prompt_bucket=prompt_bucket, layer_loop=layer_loop)
+    if layer_loop == "auto":
+        layer_loop = "unrolled" if jax.default_backend() == "cpu" else "scan"
+    threads = max(1, min(host_threads, len(prompts)))
+    total = slots or len(prompts) * num_samples
+    chunk = -(-len(prompts) // threads)
+    parts = [(c * chunk, prompts[c * chunk:(c + 1) * chunk]) for c in range(threads) if prompts[c * chunk:]]
+    rng = jax.random.key(seed)
+
+    def run(part):
+        start, share = part
+        engine = Engine(config, params, sampling,
+                        EngineConfig(slots=max(1, total // len(parts)), page_size=page_size,
+                                     pages=pages // len(parts), segment=segment),
+                        prompt_bucket=prompt_bucket, layer_loop=layer_loop)
+        return engine.run(share, rng, first_row=start * num_samples), engine.decode_steps
+
+    if len(parts) == 1:
+        outs = [run(parts[0])]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:
+            outs = list(pool.map(run, parts))
+    results = [r for out, _ in outs for r in out]
+    return GenerateOutput(tokens=[r.tokens for r in results], logprobs=[r.logprobs for r in results],
+                          lengths=[len(r.tokens) for r in results], truncated=[r.truncated for r in results],
+                          decode_steps=max(steps for _, steps in outs))
