@@ -29,8 +29,8 @@ ratio of real tokens per second for each attention implementation.
     python -m dapo_jax.bench engine --checkpoint random:tiny,vocab=1024 --prompts 64 --samples 8 \
         --new-tokens 1024 --stop-ids 4 --slots 128
 
-times the batch sampler (`dapo_jax.sampling.generate`: every row of a call until its longest is
-done) and the engine (`dapo_jax.engine`: continuous batching over a paged cache) in the same run,
+times the batch sampler (`dapo_jax.sampling.generate_batched`: every row of a call until its
+longest is done) and the engine (`dapo_jax.generate` on `dapo_jax.engine`: continuous batching) in the same run,
 each on full-length answers (no stop ids: every answer runs to the cap) and on long-tailed ones
 (ids 0..K-1 stop an answer: a random model's lengths are then about geometric), and reports useful
 (generated) tokens per second of each, and the share of the full-length rate each keeps on the
@@ -202,24 +202,23 @@ def bench_train(args) -> dict:
 
 
 def bench_engine(args) -> dict:
-    from dapo_jax import engine
-
     config, params = load_model(args.checkpoint, dtype=args.dtype, seed=args.seed)
     rng = np.random.RandomState(args.seed)
     prompts = rng.randint(args.stop_ids, config.vocab_size, (args.prompts, args.prompt_len)).tolist()
-    threads = args.host_threads or sampling.auto_host_threads(config, args.prompts, args.samples)
+    # each with its own default host threads (None: sampling.auto_host_threads), unless told
     common = dict(max_new_tokens=args.new_tokens, num_samples=args.samples, seed=args.seed,
-                  temperature=args.temperature)
+                  temperature=args.temperature, host_threads=args.host_threads)
     runs = {
-        "batch": lambda stop: sampling.generate(config, params, prompts, eos_ids=stop, host_threads=threads,
-                                                **common),
-        "engine": lambda stop: engine.generate(config, params, prompts, eos_ids=stop, host_threads=threads,
-                                               slots=args.slots, page_size=args.page_size, segment=args.segment,
-                                               **common),
+        "batch": lambda stop: sampling.generate_batched(config, params, prompts, eos_ids=stop, **common),
+        "engine": lambda stop: sampling.generate(config, params, prompts, eos_ids=stop, slots=args.slots,
+                                                 page_size=args.page_size, segment=args.segment, **common),
     }
     out = {"bench": "engine", "model": args.checkpoint, "prompts": args.prompts, "samples": args.samples,
            "new_tokens": args.new_tokens, "stop_ids": args.stop_ids, "slots": args.slots, "segment": args.segment,
-           "page_size": args.page_size, "host_threads": threads, "device": jax.devices()[0].device_kind}
+           "page_size": args.page_size, "device": jax.devices()[0].device_kind,
+           "host_threads": {"batch": args.host_threads or sampling.auto_host_threads(config, args.prompts, args.samples),
+                            "engine": args.host_threads or sampling.auto_host_threads(config, args.prompts,
+                                                                                     args.samples, args.slots)}}
     for name, run in runs.items():
         for tail, stop in (("full", ()), ("long_tail", tuple(range(args.stop_ids)))):
             run(stop)  # compiles every shape this call needs
@@ -335,7 +334,7 @@ def main(argv=None):
     e.add_argument("--new-tokens", type=int, default=1024)
     e.add_argument("--stop-ids", type=int, default=4, help="ids 0..K-1 end an answer in the long-tailed runs")
     e.add_argument("--slots", type=int, default=128, help="the engine's decode slots (over all host threads)")
-    e.add_argument("--segment", type=int, default=32, help="the engine's decode steps between admissions")
+    e.add_argument("--segment", type=int, default=16, help="the engine's decode steps between admissions")
     e.add_argument("--page-size", type=int, default=64)
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -354,21 +353,11 @@ def main(argv=None):
     a.add_argument("--repeats", type=int, default=3)
     a.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.bench == "engine":
-        print(json.dumps(bench_engine(args)), flush=True)
-        return
-    if args.bench == "attention":
-        print(json.dumps(bench_attention(args)), flush=True)
-        return
-    if args.bench == "train":
-        print(json.dumps(bench_train(args)), flush=True)
-        return
-    if args.bench == "train-memory":
-        print(json.dumps(bench_train_memory(args)), flush=True)
-        return
-    if args.vs_transformers and args.dtype != "float32":
+    if args.bench == "sampler" and args.vs_transformers and args.dtype != "float32":
         parser.error("--vs-transformers compares float32 on CPU; drop --dtype or the comparison")
-    print(json.dumps(bench_sampler(args)), flush=True)
+    run = {"sampler": bench_sampler, "engine": bench_engine, "attention": bench_attention, "train": bench_train,
+           "train-memory": bench_train_memory}[args.bench]
+    print(json.dumps(run(args)), flush=True)
 
 
 if __name__ == "__main__":

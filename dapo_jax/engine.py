@@ -10,10 +10,18 @@
 
 A slot holds one (prompt, sample) at a time, so a long answer occupies one slot while the short ones
 around it finish and are replaced: the device keeps decoding useful rows instead of waiting for the
-longest row of a batch. The cache is a pool of pages (`dapo_jax.paged`) that slots draw from as
-they grow, so its size is set by the tokens held, not rows x the longest answer. When the pool runs
-short, the most recently admitted slots give their pages back and their work is queued again from
-the start (a recomputation, as vLLM does): its tokens are the same when it runs again.
+longest row of a batch.
+
+Two cache layouts (`EngineConfig.pages`):
+
+    pages > 0   a pool of that many pages (`dapo_jax.paged`) that slots draw from as they grow, so
+                the cache is sized by the tokens held, not slots x the longest answer. When the pool
+                runs short, the most recently admitted slots give their pages back and their work is
+                queued again from the start (a recomputation, as vLLM does): its tokens are the same
+                when it runs again. Reading a slot's pages is a gather here (the portable version).
+    pages = 0   each slot its own contiguous stretch of cache (the batch sampler's layout), read in
+                place and sized to the longest span the busy slots need (resized between segments):
+                no gathers, the fastest layout where no paged-attention kernel runs.
 
 Determinism: the random numbers of (prompt i, sample j) come from its row index i * G + j in the
 request (as in `dapo_jax.sampling`), and every decision of the host loop follows from what the
@@ -27,6 +35,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import flax.struct
@@ -34,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dapo_jax import paged
+from dapo_jax import paged, sharding
 from dapo_jax.models import qwen2
 from dapo_jax.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 from dapo_jax.sampling import SamplingConfig, sample_tokens
@@ -47,7 +56,7 @@ class EngineConfig:
     slots: int  # rows decoded together
     page_size: int = 64  # tokens per page
     pages: int = 0  # pages in the pool; 0 = enough for every slot at the longest length (never preempts)
-    segment: int = 32  # decode steps per device call between admissions
+    segment: int = 16  # decode steps per device call between admissions
 
     def __post_init__(self):
         for name in ("slots", "page_size", "segment"):
@@ -95,7 +104,16 @@ def _admit(config: Qwen2Config, sampling: SamplingConfig, params, cache, slots: 
         return_hidden=True)
     last_QxE = jnp.take_along_axis(hidden_QxPxE, (prompt_len_Q - 1)[:, None, None], axis=1)
     logits_QxV = qwen2.project_to_vocab(config, qwen2.vocab_head(config, params), last_QxE)[:, 0]
-    cache = paged.write_prompts(cache, dense.k, dense.v, pages_AxN, source_A)
+    if _is_paged(cache):
+        cache = paged.write_prompts(cache, dense.k, dense.v, pages_AxN, source_A)
+    else:  # each admitted slot's first P slots of cache
+        def put_prompt(c: KVCache, k, v) -> KVCache:
+            lead = (slice(None),) * (c.k.ndim - 4)
+            return KVCache(k=c.k.at[lead + (slot_A, Ellipsis, slice(0, P))].set(k[..., source_A, :, :, :], mode="drop"),
+                           v=c.v.at[lead + (slot_A, slice(None), slice(0, P))].set(v[..., source_A, :, :, :],
+                                                                                  mode="drop"))
+        cache = ([put_prompt(c, dense.k[i], dense.v[i]) for i, c in enumerate(cache)] if isinstance(cache, list)
+                 else put_prompt(cache, dense.k, dense.v))
 
     uniforms_AxMx2 = _draws(rng, row_A, M)
     token_A, logprob_A = sample_tokens(logits_QxV[source_A], uniforms_AxMx2[:, 0], sampling)
@@ -119,15 +137,18 @@ def _decode(config: Qwen2Config, sampling: SamplingConfig, steps: int, params, c
     lists each slot's pages up to the span this call reads."""
     M = sampling.max_new_tokens
     eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
-    unrolled = isinstance(cache, list)
+    unrolled, is_paged = isinstance(cache, list), _is_paged(cache)
     if unrolled:
         layers = qwen2.unstack_layers(params)
         head_ExV = qwen2.vocab_head(config, params).T
-        cache = [c.replace(table=table_SxN) for c in cache]
+    if is_paged:
+        cache = [c.replace(table=table_SxN) for c in cache] if unrolled else cache.replace(table=table_SxN)
+        span = table_SxN.shape[1] * (cache[0] if unrolled else cache).page_size
     else:
-        cache = cache.replace(table=table_SxN)
-    rows = jnp.arange(table_SxN.shape[0])
-    page_size = (cache[0] if unrolled else cache).page_size
+        span = (cache[0] if unrolled else cache).length
+    S = busy_S.shape[0]
+    rows = jnp.arange(S)
+    every_key_SxT = jnp.ones((S, span), jnp.int32)  # a slot's keys are all real up to its position
 
     def step(carry):
         i, cache, s = carry
@@ -136,13 +157,19 @@ def _decode(config: Qwen2Config, sampling: SamplingConfig, steps: int, params, c
         position_S = s.prompt_len_S + s.lengths_S - 1
         # Finished and idle slots still run (fixed shapes) but write nowhere: their position is
         # moved past their table, so their keys and values are dropped.
-        position_S = jnp.where(live_S, position_S, table_SxN.shape[1] * page_size)
-        if unrolled:
+        position_S = jnp.where(live_S, position_S, span)
+        if is_paged and unrolled:
             logits_Sx1xV, new_cache = qwen2.apply_unrolled_paged(config, params, layers, head_ExV, fed_S[:, None],
                                                                  position_S, cache)
-        else:
+        elif is_paged:
             logits_Sx1xV, new_cache = Qwen2ForCausalLM(config).apply(
                 {"params": params}, fed_S[:, None], position_S, cache, method=Qwen2ForCausalLM.decode_paged)
+        elif unrolled:
+            logits_Sx1xV, new_cache = qwen2.apply_unrolled(config, params, layers, head_ExV, fed_S[:, None],
+                                                           position_S[:, None], every_key_SxT, cache, position_S)
+        else:
+            logits_Sx1xV, new_cache = Qwen2ForCausalLM(config).apply(
+                {"params": params}, fed_S[:, None], position_S[:, None], every_key_SxT, cache, position_S)
         index_S = jnp.minimum(s.lengths_S, M - 1)
         token_S, logprob_S = sample_tokens(logits_Sx1xV[:, 0], s.uniforms_SxMx2[rows, index_S], sampling)
         token_S = jnp.where(live_S, token_S, 0)
@@ -158,11 +185,39 @@ def _decode(config: Qwen2Config, sampling: SamplingConfig, steps: int, params, c
 
     _, cache, slots = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(busy_S & ~c[2].done_S), step,
                                          (jnp.array(0, jnp.int32), cache, slots))
-    if unrolled:
-        cache = [c.replace(table=None) for c in cache]
-    else:
-        cache = cache.replace(table=None)
+    if is_paged:
+        cache = [c.replace(table=None) for c in cache] if unrolled else cache.replace(table=None)
     return cache, slots
+
+
+@jax.jit
+def _compact(cache, slots: Slots, rows_K):
+    """The slots rows_K, in that order: their state and (contiguous layout) their caches."""
+    def take(c: KVCache) -> KVCache:
+        axis = c.k.ndim - 4  # the slot axis, after the layer axis if stacked
+        return KVCache(k=jnp.take(c.k, rows_K, axis=axis), v=jnp.take(c.v, rows_K, axis=axis))
+    if not _is_paged(cache):
+        cache = [take(c) for c in cache] if isinstance(cache, list) else take(cache)
+    return cache, jax.tree_util.tree_map(lambda x: x[rows_K], slots)
+
+
+def _contiguous(config: Qwen2Config, slots: int, length: int, per_layer: bool):
+    cache = KVCache.zeros(config, slots, length)
+    return [KVCache(k=cache.k[i], v=cache.v[i]) for i in range(config.num_hidden_layers)] if per_layer else cache
+
+
+def _is_paged(cache) -> bool:
+    return isinstance(cache[0] if isinstance(cache, list) else cache, paged.PagedKVCache)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _resize(cache, length: int):
+    """Contiguous slot caches cut or extended (with empty slots) to `length` slots."""
+    def fit(c: KVCache) -> KVCache:
+        if c.length >= length:
+            return KVCache(k=c.k[..., :length], v=c.v[..., :length, :])
+        return c.pad(length - c.length)
+    return [fit(c) for c in cache] if isinstance(cache, list) else fit(cache)
 
 
 @dataclasses.dataclass
@@ -181,9 +236,10 @@ class Engine:
     """Continuous batching for one model's params on one device (see the module docstring)."""
 
     def __init__(self, config: Qwen2Config, params, sampling: SamplingConfig, engine: EngineConfig, *,
-                 prompt_bucket: int = 32, layer_loop: str = "unrolled"):
+                 prompt_bucket: int = 32, layer_loop: str = "unrolled", min_slots: int = 1):
         self.config, self.params, self.sampling, self.engine = config, params, sampling, engine
         self.layer_loop = layer_loop
+        self.min_slots = min_slots  # the tail's compaction keeps at least this many rows (a mesh's data-parallel size)
         ps = engine.page_size
         self.bucket = -(-max(prompt_bucket, 1) // ps) * ps  # prompts are padded to whole pages
         self.decode_steps = 0
@@ -198,11 +254,18 @@ class Engine:
         width = -(-longest // self.bucket) * self.bucket
         most = -(-(longest + M - 1) // ps)  # the pages of the longest prompt's answer at full length
         pages_per_slot = max(most, width // ps)  # (the prefill writes whole padded prompts)
-        pool = e.pages or S * most
+        is_paged = e.pages > 0
+        pool = e.pages or S * pages_per_slot  # contiguous slots: the page accounting never runs short
         if pool < most:
             raise ValueError(f"engine pages={pool} cannot hold one answer ({most} pages of {ps} tokens for the "
-                             f"{longest}-token prompt and {M} new tokens); give it at least that many")
-        cache = paged.PagedKVCache.zeros(cfg, pool, ps, per_layer=self.layer_loop == "unrolled")
+                             f"{longest}-token prompt and {M} new tokens); give it at least that many (each of "
+                             f"several host threads gets its share of the pages)")
+        per_layer = self.layer_loop == "unrolled"
+        if is_paged:
+            cache = paged.PagedKVCache.zeros(cfg, pool, ps, per_layer=per_layer)
+        else:  # span-sized contiguous caches, at least the padded prompts' width (admissions write it)
+            length = self._span(width, width, pages_per_slot * ps)
+            cache = _contiguous(cfg, S, length, per_layer)
         slots = Slots.empty(S, M)
         table = np.full((S, pages_per_slot), pool, np.int32)
         free_pages = collections.deque(range(pool))
@@ -250,6 +313,19 @@ class Engine:
                 admit.append(slot)
             if admit:
                 cache, slots = self._admit(cache, slots, prompts, admit, owner, table, width, rng, first_row)
+            # the tail: no work waits and at most half the slots are busy. The busy ones move to the
+            # front and decoding goes on with half as many rows (one copy of their state per halving).
+            if not queue and len(owner) <= S // 2 and S // 2 >= self.min_slots:
+                S = max(self.min_slots, 1 << (len(owner) - 1).bit_length())
+                keep = sorted(owner)
+                rows = keep + [s for s in range(len(table)) if s not in owner][:S - len(keep)]
+                cache, slots = _compact(cache, slots, np.asarray(rows, np.int32))
+                new = {old: k for k, old in enumerate(keep)}
+                owner = {new[s]: w for s, w in owner.items()}
+                admitted = {new[s]: a for s, a in admitted.items()}
+                held = {k: held[s] for k, s in enumerate(rows)}
+                lengths, table = lengths[rows], table[rows]
+                free_slots = collections.deque(range(len(keep), S))
             # every busy slot's pages for the next segment; short of pages, the latest admitted give way
             while True:
                 need = {s: pages_for(min(len(prompts[owner[s] // G]) + lengths[s] + e.segment - 1,
@@ -267,25 +343,40 @@ class Engine:
                 give(s, n)
             busy = np.zeros(S, bool)
             busy[list(owner)] = True
-            span = _bucket(max(held[s] for s in owner), pages_per_slot)
+            if is_paged:
+                table_now = table[:, :_bucket(max(held[s] for s in owner), pages_per_slot)]
+            else:  # the cache the busy slots read this segment, resized when its bucket changes
+                table_now = np.zeros((S, 0), np.int32)
+                length = self._span(max(n for n in need.values()) * ps, width, pages_per_slot * ps)
+                if length != (cache[0] if per_layer else cache).length:
+                    cache = _resize(cache, length)
             cache, slots = _decode(cfg, self.sampling, e.segment, self.params, cache, slots,
-                                   jnp.asarray(table[:, :span]), jnp.asarray(busy))
-            done, new_lengths = (np.asarray(x) for x in jax.device_get((slots.done_S, slots.lengths_S)))
+                                   table_now, busy)
+            # (every host takes part in a read-back that spans several: sharding.to_host)
+            done, new_lengths = sharding.to_host(slots.done_S), sharding.to_host(slots.lengths_S)
             self.decode_steps += int((new_lengths[busy] - lengths[busy]).max(initial=0))
             lengths[busy] = new_lengths[busy]
             finished = [s for s in owner if done[s]]
             if finished:
-                index = jnp.asarray(finished)
-                tokens, logprobs, stopped = jax.device_get(
-                    (slots.tokens_SxM[index], slots.logprobs_SxM[index], slots.stopped_S[index]))
+                index = np.asarray(finished, np.int32)
+                tokens, logprobs, stopped = (sharding.to_host(x[index]) for x in
+                                             (slots.tokens_SxM, slots.logprobs_SxM, slots.stopped_S))
                 for k, s in enumerate(finished):
                     n = int(lengths[s])
                     results[owner[s]] = Result(tokens[k, :n].tolist(), logprobs[k, :n].tolist(), not bool(stopped[k]))
                     release(s)
         return [results[i] for i in range(len(prompts) * G)]
 
+    @staticmethod
+    def _span(tokens: int, width: int, most: int) -> int:
+        """Contiguous cache slots for `tokens`, at least `width`, at most `most`: rounded up to a
+        quarter of the power of two below it (at most 1.25x the tokens, 4 sizes to compile per
+        doubling; a decode step's attention reads all of them)."""
+        quarter = max(1, (1 << max(0, (tokens - 1).bit_length())) // 8)
+        return max(width, min(most, -(-tokens // quarter) * quarter))
+
     def _admit(self, cache, slots, prompts, admit, owner, table, width, rng, first_row):
-        G, S = self.sampling.num_samples, self.engine.slots
+        G, S = self.sampling.num_samples, len(table)  # (fewer than engine.slots after the tail's compaction)
         sources = sorted({owner[s] // G for s in admit})
         a = _bucket(len(admit), S)
         q = a  # one size for both: fewer shapes to compile (log2(slots) per prompt width)
@@ -298,46 +389,46 @@ class Engine:
         slot_A = np.full(a, S, np.int32)
         source_A = np.zeros(a, np.int32)
         row_A = np.zeros(a, np.int32)
-        pool = (cache[0] if isinstance(cache, list) else cache).pages
+        pool = table.shape[1] * S + 1  # (only a paged cache reads these)
+        if _is_paged(cache):
+            pool = (cache[0] if isinstance(cache, list) else cache).pages
         pages_AxN = np.full((a, width // self.engine.page_size), pool, np.int32)  # (no page: dropped)
         for k, s in enumerate(admit):
             slot_A[k], source_A[k], row_A[k] = s, where[owner[s] // G], first_row + owner[s]
             pages_AxN[k] = table[s, :pages_AxN.shape[1]]
-        return _admit(self.config, self.sampling, self.params, cache, slots, jnp.asarray(prompt_QxP),
-                      jnp.asarray(prompt_len_Q), jnp.asarray(slot_A), jnp.asarray(source_A), jnp.asarray(row_A),
-                      jnp.asarray(pages_AxN), rng)
+        return _admit(self.config, self.sampling, self.params, cache, slots, prompt_QxP, prompt_len_Q, slot_A,
+                      source_A, row_A, pages_AxN, rng)
 
 
-def generate(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
-             num_samples: int = 1, seed: int = 0, slots: int = 0, page_size: int = 64, pages: int = 0,
-             segment: int = 32, prompt_bucket: int = 32, layer_loop: str = "auto", host_threads: int = 1):
-    """`dapo_jax.sampling.generate`'s contract on the engine (one device): `slots` rows decode at
-    once (0 = every answer at once), split over `host_threads` engines side by side (each with its
-    share of the slots and pages and a contiguous share of the prompts; a CPU host's cores)."""
-    from dapo_jax.sampling import GenerateOutput, pad_prompts
+def generate_on_engine(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+                       seed: int = 0, mesh=None, host_threads: int = 1, slots: int = 0, segment: int = 16,
+                       pages: int = 0, page_size: int = 64):
+    """`dapo_jax.sampling.generate` once its arguments are checked (call that): `slots` rows (0 =
+    every answer at once), split over `host_threads` engines side by side on one device, each with
+    its share of the slots and pages and a contiguous share of the prompts; on a mesh, one engine
+    whose rows are split over the data-parallel axes."""
+    from dapo_jax.sampling import GenerateOutput
 
-    pad_prompts(prompts, config.vocab_size, 1)  # the same checks on the prompts
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
-                              top_k=int(top_k), eos_ids=tuple(int(e) for e in eos_ids), num_samples=num_samples,
-                              prompt_bucket=prompt_bucket, layer_loop=layer_loop)
-    if layer_loop == "auto":
-        layer_loop = "unrolled" if jax.default_backend() == "cpu" else "scan"
     threads = max(1, min(host_threads, len(prompts)))
-    total = slots or len(prompts) * num_samples
     chunk = -(-len(prompts) // threads)
     parts = [(c * chunk, prompts[c * chunk:(c + 1) * chunk]) for c in range(threads) if prompts[c * chunk:]]
+    total = slots or len(prompts) * sampling.num_samples
+    data_parallel = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     rng = jax.random.key(seed)
 
     def run(part):
         start, share = part
-        engine = Engine(config, params, sampling,
-                        EngineConfig(slots=max(1, total // len(parts)), page_size=page_size,
-                                     pages=pages // len(parts), segment=segment),
-                        prompt_bucket=prompt_bucket, layer_loop=layer_loop)
-        return engine.run(share, rng, first_row=start * num_samples), engine.decode_steps
+        share_of = len(share) / len(prompts)  # of the slots and pages
+        size = EngineConfig(slots=-(-max(1, math.ceil(total * share_of)) // data_parallel) * data_parallel,
+                            page_size=page_size, pages=int(pages * share_of), segment=segment)
+        engine = Engine(config, params, sampling, size, prompt_bucket=sampling.prompt_bucket,
+                        layer_loop=sampling.layer_loop, min_slots=data_parallel)
+        return engine.run(share, rng, first_row=start * sampling.num_samples), engine.decode_steps
 
-    if len(parts) == 1:
+    if mesh is not None:
+        with jax.set_mesh(mesh):
+            outs = [run(parts[0])]
+    elif len(parts) == 1:
         outs = [run(parts[0])]
     else:
         with concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:

@@ -1,4 +1,7 @@
-"""Group rollouts: prefill each prompt once, copy its KV cache to G rows, decode in one jitted loop.
+"""Sampling: `generate` (on the rollout engine, `dapo_jax.engine`), the pieces that turn logits into
+tokens, and the batch sampler the engine replaced (`generate_batched`, kept as its baseline):
+
+Group rollouts: prefill each prompt once, copy its KV cache to G rows, decode in one jitted loop.
 
     prompts (left-padded to P) --prefill--> cache of P slots per row, logits of each prompt's last token
       --repeat G times--> cache of B*G rows x (P + N - 1) slots; sample token 0 of every row
@@ -283,18 +286,19 @@ def span_slots(config: Qwen2Config, prompt_len: int, new_tokens: int) -> int:
 SMALL_STEP_FLOPS = 2**25
 
 
-def auto_host_threads(config: Qwen2Config, prompts: int, num_samples: int) -> int:
-    """How many decode calls `generate` runs side by side on a CPU host when not told (see host_threads).
+def auto_host_threads(config: Qwen2Config, prompts: int, num_samples: int, slots: int = 0) -> int:
+    """How many decode calls (or engines) `generate` runs side by side on a CPU host when not told
+    (see host_threads).
 
-    One per core, as long as each call's decode step stays small enough that XLA:CPU would run it
-    on a single core anyway; 1 on accelerators.
+    One per core, as long as each one's decode step (its share of the `slots`, or of every answer
+    when 0) stays small enough that XLA:CPU would run it on a single core anyway; 1 on accelerators.
     """
     if jax.default_backend() != "cpu":
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, min(cores, prompts))
     widest = config.hidden_size * max(config.intermediate_size, config.vocab_size)
-    rows = -(-prompts // threads) * num_samples
+    rows = -(-slots // threads) if slots else -(-prompts // threads) * num_samples
     return threads if 2 * rows * widest < SMALL_STEP_FLOPS else 1
 
 
@@ -336,18 +340,35 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, bucket: int, 
 def generate(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
              num_samples: int = 1, seed: int = 0, mesh=None, prompt_bucket: int = 32,
-             layer_loop: str = "auto", host_threads: int | None = None) -> GenerateOutput:
-    """Sample `num_samples` continuations of every prompt (lists of token ids).
+             layer_loop: str = "auto", host_threads: int | None = None, slots: int = 0, segment: int = 16,
+             pages: int = 0, page_size: int = 64) -> GenerateOutput:
+    """Sample `num_samples` continuations of every prompt (lists of token ids), on the rollout engine
+    (`dapo_jax.engine`: continuous batching; `slots` rows decode at once, 0 = every answer at once,
+    and as answers finish with no work left the busy rows are compacted into fewer).
 
-    Runs on the mesh the params live on (or `mesh`), the batch split over its data and fsdp axes,
-    reading the params in place. The same seed gives the same tokens.
+    Runs on the mesh the params live on (or `mesh`), the rows split over its data and fsdp axes,
+    reading the params in place. The same seed gives the same tokens, and sample j of prompt i the
+    same tokens whatever the slots, threads or pages (up to float rounding of the logits in a batch
+    of another size).
 
-    On a single device, `host_threads` > 1 splits the prompts into that many equal chunks and runs
-    their decode loops side by side, each from its own thread: XLA:CPU runs a small model's decode
-    step on one core, so this is how a CPU host puts its other cores to work. Each row draws the same
-    random numbers as in one call, so the tokens are the same (up to float rounding of the logits,
-    which a batch of another size may round differently). None picks `auto_host_threads`.
+    On a single device, `host_threads` > 1 splits the prompts into that many contiguous shares and
+    runs an engine for each side by side, each from its own thread (with its share of the slots and
+    pages): XLA:CPU runs a small model's decode step on one core, so this is how a CPU host puts its
+    other cores to work. None picks `auto_host_threads`. `segment` is the number of decode steps
+    between admissions; `pages` > 0 caps the KV cache at a pool of that many pages of `page_size`
+    tokens (see `dapo_jax.engine`).
     """
+    from dapo_jax import engine
+
+    sampling, mesh, threads = _request(config, params, prompts, max_new_tokens, temperature, top_p, top_k, eos_ids,
+                                       num_samples, prompt_bucket, layer_loop, host_threads, mesh, slots)
+    return engine.generate_on_engine(config, params, prompts, sampling, seed=seed, mesh=mesh, host_threads=threads,
+                                     slots=slots, segment=segment, pages=pages, page_size=page_size)
+
+
+def _request(config, params, prompts, max_new_tokens, temperature, top_p, top_k, eos_ids, num_samples, prompt_bucket,
+             layer_loop, host_threads, mesh, slots=0):
+    """(SamplingConfig, mesh, host threads) for a generate call, after checking every argument."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                               top_k=int(top_k), eos_ids=tuple(int(e) for e in eos_ids), num_samples=num_samples,
                               prompt_bucket=prompt_bucket, layer_loop=layer_loop)
@@ -359,12 +380,26 @@ def generate(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, m
     if host_threads is not None and host_threads > 1 and mesh is not None:
         raise ValueError(f"host_threads={host_threads}: more than 1 only for params on one device; this call runs "
                          f"on a mesh of {dict(mesh.shape)}, which splits the batch itself")
-    threads = 1 if mesh is not None else host_threads or auto_host_threads(config, len(prompts), num_samples)
-    tokens, mask, active = pad_prompts(prompts, config.vocab_size, prompt_bucket, _batch_multiple(mesh) * threads)
+    threads = 1 if mesh is not None else host_threads or auto_host_threads(config, len(prompts), num_samples, slots)
+    tokens, _, _ = pad_prompts(prompts, config.vocab_size, prompt_bucket)
     total = tokens.shape[1] + max_new_tokens
     if total > config.max_position_embeddings:
         raise ValueError(f"padded prompt length {tokens.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds "
                          f"max_position_embeddings={config.max_position_embeddings}; shorten one of them")
+    return sampling, mesh, threads
+
+
+def generate_batched(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
+                     num_samples: int = 1, seed: int = 0, mesh=None, prompt_bucket: int = 32,
+                     layer_loop: str = "auto", host_threads: int | None = None) -> GenerateOutput:
+    """`generate` on the batch sampler this module's docstring describes: every row of a call
+    decodes until the call's longest answer ends (the engine's predecessor, kept as the baseline
+    `python -m dapo_jax.bench engine` compares with). Each row draws the same random numbers as on
+    the engine, so the tokens are the same."""
+    sampling, mesh, threads = _request(config, params, prompts, max_new_tokens, temperature, top_p, top_k, eos_ids,
+                                       num_samples, prompt_bucket, layer_loop, host_threads, mesh)
+    tokens, mask, active = pad_prompts(prompts, config.vocab_size, prompt_bucket, _batch_multiple(mesh) * threads)
     rng = jax.random.key(seed)
     chunk = tokens.shape[0] // threads
 

@@ -26,8 +26,8 @@ PROMPTS = prompts_of((5, 17, 9, 33, 2, 12))
 
 def test_greedy_with_fewer_slots_than_answers_equals_recomputation(model):
     config, params = model
-    out = engine.generate(config, params, PROMPTS, max_new_tokens=12, temperature=0.0, slots=4, page_size=8,
-                          segment=5)
+    out = sampling.generate(config, params, PROMPTS, max_new_tokens=12, temperature=0.0, slots=4, page_size=8,
+                            segment=5)
     assert out.tokens == sampling.greedy_by_recomputing(config, params, PROMPTS, 12)
     assert out.lengths == [12] * len(PROMPTS) and all(out.truncated)
 
@@ -37,10 +37,10 @@ def test_sampled_answers_do_not_depend_on_slots_threads_or_pool(model, layer_loo
     config, params = model
     kwargs = dict(max_new_tokens=40, temperature=1.0, top_p=0.9, top_k=50, num_samples=3, seed=3,
                   eos_ids=tuple(range(10, 40)), layer_loop=layer_loop)
-    reference = sampling.generate(config, params, PROMPTS, host_threads=1, **kwargs)
+    reference = sampling.generate_batched(config, params, PROMPTS, host_threads=1, **kwargs)
     assert 1 < np.mean(reference.lengths) < 40 and any(reference.truncated) and not all(reference.truncated)
     for slots, threads, pages in ((18, 1, 0), (5, 1, 0), (3, 1, 0), (8, 2, 0), (4, 1, 9)):
-        out = engine.generate(config, params, PROMPTS, slots=slots, host_threads=threads, pages=pages, page_size=8,
+        out = sampling.generate(config, params, PROMPTS, slots=slots, host_threads=threads, pages=pages, page_size=8,
                               segment=6, **kwargs)
         assert out.tokens == reference.tokens, (slots, threads, pages)
         assert out.truncated == reference.truncated and out.lengths == reference.lengths
@@ -65,7 +65,7 @@ def test_a_pool_that_cannot_hold_one_answer_says_how_many_pages_it_needs(model):
     config, params = model
     with pytest.raises(ValueError, match=r"engine pages=3 cannot hold one answer \(9 pages of 8 tokens for the "
                                          r"33-token prompt and 40 new tokens\)"):
-        engine.generate(config, params, PROMPTS, max_new_tokens=40, slots=2, pages=3, page_size=8)
+        sampling.generate(config, params, PROMPTS, max_new_tokens=40, slots=2, pages=3, page_size=8, host_threads=1)
     with pytest.raises(ValueError, match="engine slots=0 must be >= 1"):
         engine.EngineConfig(slots=0)
 

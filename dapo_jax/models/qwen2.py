@@ -409,7 +409,8 @@ class Attention(nn.Module):
         With a cache, the T new keys and values go to slots [cache_index, cache_index + T) of layer
         `layer`; only those slots are written, so a decode step costs no copy of the cache. Given
         `segment_ids_BxT` (and no mask) the T tokens attend to each other alone, segment by segment.
-        With a `paged.PagedKVCache` (one decode step, T = 1), cache_index [B] is each row's position.
+        For one decode step (T = 1) cache_index may be [B], each row's own slot; with a
+        `paged.PagedKVCache` it is each row's position in its pages.
         """
         c = self.config
         E, H, K, D, dtype = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.kv_head_dim, c.compute_dtype
@@ -437,6 +438,12 @@ class Attention(nn.Module):
                 stacked = layer is not None  # [layers, B, ...] (scanned layers) or one layer's [B, ...]
 
                 def write(buffer, new, slot_axis):
+                    if jnp.ndim(cache_index) == 1:  # one decode step, row b at its own slot cache_index[b]
+                        index = [jnp.arange(B), slice(None), slice(None), slice(None)]
+                        index[slot_axis] = cache_index  # a slot past the cache writes nowhere
+                        index = ([layer] if stacked else []) + index
+                        value = jnp.take(new, 0, axis=slot_axis)  # [B, K, D]: the indexed axes go first
+                        return buffer.at[tuple(index)].set(value.astype(buffer.dtype), mode="drop")
                     start = [0] * new.ndim
                     start[slot_axis] = cache_index
                     if stacked:
@@ -499,11 +506,12 @@ class DecoderLayer(nn.Module):
 
 
 def causal_mask(attention_mask_BxS, num_queries: int, cache_index=0):
-    """[B, T, S] visibility: query t (at slot cache_index + t) sees real key slots s <= its own."""
+    """[B, T, S] visibility: query t (at slot cache_index + t; cache_index may be [B], one per row)
+    sees real key slots s <= its own."""
     S = attention_mask_BxS.shape[1]
-    query_slot_T = cache_index + jnp.arange(num_queries)
-    causal_TxS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
-    return causal_TxS[None] & attention_mask_BxS.astype(bool)[:, None, :]
+    query_slot = jnp.asarray(cache_index)[..., None] + jnp.arange(num_queries)  # [T] or [B, T]
+    causal = jnp.arange(S) <= query_slot[..., None]
+    return (causal if causal.ndim == 3 else causal[None]) & attention_mask_BxS.astype(bool)[:, None, :]
 
 
 class Qwen2ForCausalLM(nn.Module):
