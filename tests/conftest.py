@@ -74,3 +74,13 @@ def left_padded_batch(seed: int, lengths, vocab: int, pad: int = 0):
         tokens[row, width - n:] = rng.randint(2, vocab, n)
         mask[row, width - n:] = 1
     return tokens, mask
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jax_caches():
+    """Drop each test module's compiled programs when it ends: the engine compiles one decode program
+    per (slots, span) and the suite runs in one process, whose compiled code otherwise only grows."""
+    yield
+    import jax
+
+    jax.clear_caches()
