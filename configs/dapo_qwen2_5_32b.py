@@ -44,10 +44,10 @@ def get_config():
     # which for Qwen2.5-32B base is <|endoftext|> (151643) alone. An <|im_end|> the base model writes
     # is part of the answer and counts toward its length and overlong penalty.
     c.rollout.stop_ids = ""
-    # Prompts per sampler call: a 22,528-slot KV cache costs ~0.34 GiB per sequence per device on a
-    # v5p-32 (fsdp 2 x tensor 8), so a 1,536-prompt generation batch runs as 192 calls of 8 x 16
-    # answers. `python -m dapo_jax.plan --config configs/dapo_qwen2_5_32b.py --topology v5p-32` checks it
-    # (on a v5p-64, 24 prompts fit; the rollout engine of issue 17 replaces this preallocated cache).
+    # The rollout engine decodes the answers of 8 prompts at once (8 x 16 = 128 slots): a slot's KV cache
+    # grows to 22,528 positions at most, ~0.34 GiB per answer per device on a v5p-32 (fsdp 2 x tensor 8).
+    # `python -m dapo_jax.plan --config configs/dapo_qwen2_5_32b.py --topology v5p-32` checks it (on a
+    # v5p-64, 24 prompts fit).
     c.rollout.generation_chunk = 8
 
     c.reward.overlong_buffer = 4096

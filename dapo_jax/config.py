@@ -68,7 +68,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.rollout.top_k = 0
     c.rollout.prompt_bucket = 8
     c.rollout.stop_ids = ""  # ids or tokens that end an answer; "" = generation_config.json's eos, else the tokenizer's
-    c.rollout.generation_chunk = 0  # prompts per sampler call (bounds its KV cache); 0 = a whole generation batch
+    # Prompts whose answers the rollout engine decodes at once (its slots: they bound the KV cache);
+    # 0 = a whole generation batch.
+    c.rollout.generation_chunk = 0
+    # Dynamic sampling takes groups from the engine as they finish, in prompt order, and stops generating
+    # once the step's batch is full; False: whole generation batches, as the reference.
+    c.rollout.stream = True
 
     c.reward = ml_collections.ConfigDict()
     c.reward.overlong_buffer = 8  # L_cache tokens; 0 turns the soft overlong punishment off
@@ -310,6 +315,12 @@ def microbatch_rows(cfg: ml_collections.ConfigDict) -> int:
     """Train rows per forward/backward pass: optim.microbatch_size, at most (and 0 =) a mini-batch's worth."""
     mb = cfg.optim.minibatch_size
     return min(cfg.optim.microbatch_size or mb, mb)
+
+
+def rollout_slots(cfg: ml_collections.ConfigDict) -> int:
+    """Answers the rollout engine decodes at once: rollout.generation_chunk (0 = a generation batch) x G."""
+    r = cfg.rollout
+    return (r.generation_chunk or r.gen_prompts_per_batch) * r.samples_per_prompt
 
 
 def row_width(cfg: ml_collections.ConfigDict) -> int:

@@ -32,11 +32,13 @@ many slots there are (up to float rounding of the logits in a batch of another s
 from __future__ import annotations
 
 import collections
-import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 import flax.struct
 import jax
@@ -244,10 +246,19 @@ class Engine:
         self.bucket = -(-max(prompt_bucket, 1) // ps) * ps  # prompts are padded to whole pages
         self.decode_steps = 0
         self.preempted = 0
+        self.finished: list[int] = []  # prompts in the order their last answer finished
 
-    def run(self, prompts: Sequence[Sequence[int]], rng, first_row: int = 0) -> list[Result]:
-        """Every prompt's num_samples answers, prompt-major; row numbers (the random streams) start
-        at first_row."""
+    def run(self, prompts: Sequence[Sequence[int]], rng) -> list[Result]:
+        """Every prompt's num_samples answers, prompt-major."""
+        return [r for _, group in self.stream(prompts, rng) for r in group]
+
+    def stream(self, prompts: Sequence[Sequence[int]], rng, numbers: Sequence[int] | None = None,
+               stop: Callable[[], bool] | None = None) -> Iterator[tuple[int, list[Result]]]:
+        """(i, prompt i's num_samples answers) for each prompt in order, each as soon as it and every
+        prompt before it are done. Prompt i is number numbers[i] of its request (default i): its
+        samples draw the random streams of rows numbers[i] * G + j. Nothing more is decoded once the
+        caller stops iterating or `stop()` returns True (checked between segments).
+        """
         cfg, e, G, M = self.config, self.engine, self.sampling.num_samples, self.sampling.max_new_tokens
         ps, S = e.page_size, e.slots
         longest = max(len(p) for p in prompts)
@@ -276,7 +287,8 @@ class Engine:
         held = {s: 0 for s in range(S)}  # pages handed to each slot
         lengths = np.zeros(S, np.int64)
         results: dict[int, Result] = {}
-        order = 0
+        numbers = range(len(prompts)) if numbers is None else numbers
+        order, next_prompt = 0, 0
 
         def pages_for(tokens) -> int:
             return int(-(-tokens // ps))
@@ -295,7 +307,7 @@ class Engine:
             admitted.pop(slot)
             free_slots.append(slot)
 
-        while queue or owner:
+        while (queue or owner) and not (stop is not None and stop()):
             # admit: the next work into free slots, as long as the pool has its prompt's pages and
             # its first segment's
             admit = []
@@ -312,7 +324,7 @@ class Engine:
                 order += 1
                 admit.append(slot)
             if admit:
-                cache, slots = self._admit(cache, slots, prompts, admit, owner, table, width, rng, first_row)
+                cache, slots = self._admit(cache, slots, prompts, admit, owner, table, width, rng, numbers)
             # the tail: no work waits and at most half the slots are busy. The busy ones move to the
             # front and decoding goes on with half as many rows (one copy of their state per halving).
             if not queue and len(owner) <= S // 2 and S // 2 >= self.min_slots:
@@ -363,9 +375,14 @@ class Engine:
                                              (slots.tokens_SxM, slots.logprobs_SxM, slots.stopped_S))
                 for k, s in enumerate(finished):
                     n = int(lengths[s])
+                    i = owner[s] // G
                     results[owner[s]] = Result(tokens[k, :n].tolist(), logprobs[k, :n].tolist(), not bool(stopped[k]))
                     release(s)
-        return [results[i] for i in range(len(prompts) * G)]
+                    if all(i * G + j in results for j in range(G)):
+                        self.finished.append(i)
+            while next_prompt < len(prompts) and all(next_prompt * G + j in results for j in range(G)):
+                yield next_prompt, [results.pop(next_prompt * G + j) for j in range(G)]
+                next_prompt += 1
 
     @staticmethod
     def _span(tokens: int, width: int, most: int) -> int:
@@ -375,7 +392,7 @@ class Engine:
         quarter = max(1, (1 << max(0, (tokens - 1).bit_length())) // 8)
         return max(width, min(most, -(-tokens // quarter) * quarter))
 
-    def _admit(self, cache, slots, prompts, admit, owner, table, width, rng, first_row):
+    def _admit(self, cache, slots, prompts, admit, owner, table, width, rng, numbers):
         G, S = self.sampling.num_samples, len(table)  # (fewer than engine.slots after the tail's compaction)
         sources = sorted({owner[s] // G for s in admit})
         a = _bucket(len(admit), S)
@@ -394,46 +411,79 @@ class Engine:
             pool = (cache[0] if isinstance(cache, list) else cache).pages
         pages_AxN = np.full((a, width // self.engine.page_size), pool, np.int32)  # (no page: dropped)
         for k, s in enumerate(admit):
-            slot_A[k], source_A[k], row_A[k] = s, where[owner[s] // G], first_row + owner[s]
+            slot_A[k], source_A[k], row_A[k] = s, where[owner[s] // G], numbers[owner[s] // G] * G + owner[s] % G
             pages_AxN[k] = table[s, :pages_AxN.shape[1]]
         return _admit(self.config, self.sampling, self.params, cache, slots, prompt_QxP, prompt_len_Q, slot_A,
                       source_A, row_A, pages_AxN, rng)
 
 
-def generate_on_engine(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
-                       seed: int = 0, mesh=None, host_threads: int = 1, slots: int = 0, segment: int = 16,
-                       pages: int = 0, page_size: int = 64):
-    """`dapo_jax.sampling.generate` once its arguments are checked (call that): `slots` rows (0 =
-    every answer at once), split over `host_threads` engines side by side on one device, each with
-    its share of the slots and pages and a contiguous share of the prompts; on a mesh, one engine
-    whose rows are split over the data-parallel axes."""
-    from dapo_jax.sampling import GenerateOutput
-
+def stream_on_engine(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+                     seed: int = 0, mesh=None, host_threads: int = 1, slots: int = 0, segment: int = 16,
+                     pages: int = 0, page_size: int = 64, stats: dict | None = None
+                     ) -> Iterator[tuple[int, list[Result]]]:
+    """(i, prompt i's answers) in prompt order, each as soon as it and every earlier prompt are done
+    (`dapo_jax.sampling.generate_stream` once its arguments are checked): `slots` rows (0 = every
+    answer at once), split over `host_threads` engines side by side on one device, each with its
+    share of the slots and pages and every host_threads-th prompt; on a mesh, one engine whose rows
+    are split over the data-parallel axes. Stopping the iteration stops every engine.
+    stats["decode_steps"] is set to the most decode steps of any engine when the stream ends."""
     threads = max(1, min(host_threads, len(prompts)))
-    chunk = -(-len(prompts) // threads)
-    parts = [(c * chunk, prompts[c * chunk:(c + 1) * chunk]) for c in range(threads) if prompts[c * chunk:]]
     total = slots or len(prompts) * sampling.num_samples
     data_parallel = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     rng = jax.random.key(seed)
+    engines: list[Engine] = []
+    stats = {} if stats is None else stats
 
-    def run(part):
-        start, share = part
-        share_of = len(share) / len(prompts)  # of the slots and pages
+    def engine_for(share_of: float) -> Engine:  # with that share of the slots and pages
         size = EngineConfig(slots=-(-max(1, math.ceil(total * share_of)) // data_parallel) * data_parallel,
                             page_size=page_size, pages=int(pages * share_of), segment=segment)
-        engine = Engine(config, params, sampling, size, prompt_bucket=sampling.prompt_bucket,
-                        layer_loop=sampling.layer_loop, min_slots=data_parallel)
-        return engine.run(share, rng, first_row=start * sampling.num_samples), engine.decode_steps
+        engines.append(Engine(config, params, sampling, size, prompt_bucket=sampling.prompt_bucket,
+                              layer_loop=sampling.layer_loop, min_slots=data_parallel))
+        return engines[-1]
 
-    if mesh is not None:
-        with jax.set_mesh(mesh):
-            outs = [run(parts[0])]
-    elif len(parts) == 1:
-        outs = [run(parts[0])]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:
-            outs = list(pool.map(run, parts))
-    results = [r for out, _ in outs for r in out]
+    if threads == 1:
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            yield from engine_for(1.0).stream(prompts, rng)
+        stats["decode_steps"] = engines[0].decode_steps
+        return
+    # Thread t takes prompts t, t + threads, ...: the stream's next prompt is never far behind in any.
+    stop = threading.Event()
+    outboxes = [queue.SimpleQueue() for _ in range(threads)]
+
+    def run(t: int) -> None:
+        numbers = list(range(t, len(prompts), threads))
+        try:
+            for k, group in engine_for(len(numbers) / len(prompts)).stream([prompts[i] for i in numbers], rng, numbers,
+                                                                           stop=stop.is_set):
+                outboxes[t].put((numbers[k], group))
+        except BaseException as error:  # raised again by the reader
+            outboxes[t].put(error)
+
+    workers = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        for i in range(len(prompts)):
+            item = outboxes[i % threads].get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+        stats["decode_steps"] = max((e.decode_steps for e in engines), default=0)
+
+
+def generate_on_engine(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                       **kwargs):
+    """`dapo_jax.sampling.generate` once its arguments are checked: every answer of
+    `stream_on_engine`, prompt-major."""
+    from dapo_jax.sampling import GenerateOutput
+
+    stats = {}
+    results = [r for _, group in stream_on_engine(config, params, prompts, sampling, stats=stats, **kwargs)
+               for r in group]
     return GenerateOutput(tokens=[r.tokens for r in results], logprobs=[r.logprobs for r in results],
                           lengths=[len(r.tokens) for r in results], truncated=[r.truncated for r in results],
-                          decode_steps=max(steps for _, steps in outs))
+                          decode_steps=stats["decode_steps"])

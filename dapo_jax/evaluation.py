@@ -164,17 +164,14 @@ def run_evaluation(model_config, params, records, tokenizer, *, samples_per_prom
 
     reward = rollout.RewardConfig(max_response_length=max_response_length)
     results = []
-    for start in range(0, len(records), prompts_per_batch):
-        batch = records[start:start + prompts_per_batch]
-        groups = rollout.generate_groups(model_config, params, batch, tokenizer, samples_per_prompt=samples_per_prompt,
-                                         reward=reward, temperature=temperature, top_p=top_p, top_k=0,
-                                         seed=seed + start, prompt_bucket=prompt_bucket, stop_ids=stop_ids,
-                                         mesh=mesh)
-        for g in groups:
-            for text, acc, pred, response in zip(g.texts, g.accs, g.preds, g.responses):
-                results.append({"data_source": g.record.data_source, "uid": g.record.uid, "correct": acc,
-                                "pred": pred, "response": text, "length": len(response),
-                                "ground_truth": g.record.ground_truth})
+    for g in rollout.stream_groups(model_config, params, records, tokenizer, samples_per_prompt=samples_per_prompt,
+                                   reward=reward, temperature=temperature, top_p=top_p, top_k=0, seed=seed,
+                                   prompt_bucket=prompt_bucket, stop_ids=stop_ids, mesh=mesh,
+                                   slots=prompts_per_batch * samples_per_prompt):
+        for text, acc, pred, response in zip(g.texts, g.accs, g.preds, g.responses):
+            results.append({"data_source": g.record.data_source, "uid": g.record.uid, "correct": acc,
+                            "pred": pred, "response": text, "length": len(response),
+                            "ground_truth": g.record.ground_truth})
     metrics = summarize(results)
     metrics["eval_stats/response_length_mean"] = float(np.mean([r["length"] for r in results]))
     return metrics, results

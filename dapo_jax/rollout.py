@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -97,34 +97,44 @@ def score_group(record: PromptRecord, responses: Sequence[Sequence[int]], sample
                  accs, preds, list(truncated))
 
 
-def generate_groups(model_config, params, records: Sequence[PromptRecord], tokenizer: Tokenizer, *,
-                    samples_per_prompt: int, reward: RewardConfig, temperature: float, top_p: float, top_k: int,
-                    seed: int, prompt_bucket: int, stop_ids: Sequence[int], mesh=None, timer: dict | None = None,
-                    chunk_prompts: int = 0) -> list[Group]:
-    """Sample `samples_per_prompt` answers to each record and score them (seconds spent in each
-    phase are added to timer["generate"] and timer["reward"]). An answer ends with the first of
-    `stop_ids` it samples (included in the answer) or at reward.max_response_length tokens.
-
-    `chunk_prompts` > 0 caps the prompts per sampler call (its KV cache grows with prompts x
-    samples x length; `python -m dapo_jax.plan` says what fits); chunk i samples with seed + i.
+def stream_groups(model_config, params, records: Sequence[PromptRecord], tokenizer: Tokenizer, *,
+                  samples_per_prompt: int, reward: RewardConfig, temperature: float, top_p: float, top_k: int,
+                  seed: int, prompt_bucket: int, stop_ids: Sequence[int], mesh=None, timer: dict | None = None,
+                  slots: int = 0) -> Iterator[Group]:
+    """Each record's `samples_per_prompt` answers, scored, in record order, each group as soon as
+    the rollout engine has finished it and every group before it (`sampling.generate_stream`;
+    seconds spent waiting for it and scoring are added to timer["generate"] and timer["reward"]).
+    `slots` answers decode at once (0: every answer; the KV cache grows with them, `python -m
+    dapo_jax.plan` says what fits). An answer ends with the first of `stop_ids` it samples
+    (included in the answer) or at reward.max_response_length tokens. Closing the iterator stops
+    the engine: records it has not reached are never generated.
     """
-    chunk = chunk_prompts if chunk_prompts > 0 else max(len(records), 1)
-    groups, g = [], samples_per_prompt
-    for i, begin in enumerate(range(0, len(records), chunk)):
-        part = records[begin:begin + chunk]
-        start = time.perf_counter()
-        out = sampling.generate(model_config, params, [list(r.prompt_ids) for r in part],
-                                max_new_tokens=reward.max_response_length, temperature=temperature, top_p=top_p,
-                                top_k=top_k, eos_ids=stop_ids, num_samples=g, seed=(seed + i) % 2**32,
-                                mesh=mesh, prompt_bucket=prompt_bucket)
-        scored = time.perf_counter()
-        groups += [score_group(r, out.tokens[j * g:(j + 1) * g], out.logprobs[j * g:(j + 1) * g],
-                               out.truncated[j * g:(j + 1) * g], tokenizer, reward)
-                   for j, r in enumerate(part)]
-        if timer is not None:
+    g, timer = samples_per_prompt, {} if timer is None else timer
+    answers = sampling.generate_stream(model_config, params, [list(r.prompt_ids) for r in records],
+                                       max_new_tokens=reward.max_response_length, temperature=temperature,
+                                       top_p=top_p, top_k=top_k, eos_ids=stop_ids, num_samples=g, seed=seed % 2**32,
+                                       mesh=mesh, prompt_bucket=prompt_bucket, slots=slots)
+    try:
+        while True:
+            start = time.perf_counter()
+            item = next(answers, None)
+            scored = time.perf_counter()
             timer["generate"] = timer.get("generate", 0.0) + scored - start
+            if item is None:
+                return
+            i, results = item
+            group = score_group(records[i], [r.tokens for r in results], [r.logprobs for r in results],
+                                [r.truncated for r in results], tokenizer, reward)
             timer["reward"] = timer.get("reward", 0.0) + time.perf_counter() - scored
-    return groups
+            yield group
+    finally:
+        answers.close()
+
+
+def generate_groups(model_config, params, records: Sequence[PromptRecord], tokenizer: Tokenizer, **kwargs
+                    ) -> list[Group]:
+    """Every group of `stream_groups` (same arguments)."""
+    return list(stream_groups(model_config, params, records, tokenizer, **kwargs))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -362,8 +362,58 @@ def generate(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, m
 
     sampling, mesh, threads = _request(config, params, prompts, max_new_tokens, temperature, top_p, top_k, eos_ids,
                                        num_samples, prompt_bucket, layer_loop, host_threads, mesh, slots)
+    params = sampling_layout(config, params, mesh)
     return engine.generate_on_engine(config, params, prompts, sampling, seed=seed, mesh=mesh, host_threads=threads,
                                      slots=slots, segment=segment, pages=pages, page_size=page_size)
+
+
+def generate_stream(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
+                    num_samples: int = 1, seed: int = 0, mesh=None, prompt_bucket: int = 32,
+                    layer_loop: str = "auto", host_threads: int | None = None, slots: int = 0, segment: int = 16,
+                    pages: int = 0, page_size: int = 64):
+    """`generate` as a stream: (i, [Result(tokens, logprobs, truncated)] * num_samples) for prompt i,
+    in prompt order, each as soon as it and every earlier prompt are done. The same answers as
+    `generate`. Stop iterating (or close the generator) and the engine stops: work not yet admitted
+    is never decoded, which is how dynamic sampling ends a rollout once its batch is full.
+    """
+    from dapo_jax import engine
+
+    sampling, mesh, threads = _request(config, params, prompts, max_new_tokens, temperature, top_p, top_k, eos_ids,
+                                       num_samples, prompt_bucket, layer_loop, host_threads, mesh, slots)
+    return engine.stream_on_engine(config, sampling_layout(config, params, mesh), prompts, sampling, seed=seed,
+                                   mesh=mesh, host_threads=threads, slots=slots, segment=segment, pages=pages,
+                                   page_size=page_size)
+
+
+def sampling_layout(config: Qwen2Config, params, mesh=None):
+    """The params as the decode loop reads them: in the compute dtype (the model casts every weight
+    to it before use, so no token changes) and, on a mesh, split over its tensor axis only, whole on
+    every data-parallel device (`sharding.SAMPLING_RULES`), so that a decode step reads them in
+    place where the training layout would all-gather the fsdp-split weights at every token.
+
+    A copy made device to device (a cast, then one reshard); params already laid out so come back
+    as they are. The training loop makes it once per rollout step and hands it to `generate`.
+    """
+    dtype = config.compute_dtype
+    cast = [jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype for x in jax.tree_util.tree_leaves(params)]
+    if any(cast):
+        params = _cast(params, dtype)
+    if mesh is None:
+        return params
+    target = _sampling_shardings(config, mesh)
+    placed = jax.tree_util.tree_map(lambda x, s: getattr(x, "sharding", None) == s, params, target)
+    return params if all(jax.tree_util.tree_leaves(placed)) else jax.device_put(params, target)
+
+
+@functools.lru_cache(maxsize=8)
+def _sampling_shardings(config: Qwen2Config, mesh):
+    return qwen2.param_shardings(config, mesh, sharding.SAMPLING_RULES)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cast(params, dtype):
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
 def _request(config, params, prompts, max_new_tokens, temperature, top_p, top_k, eos_ids, num_samples, prompt_bucket,

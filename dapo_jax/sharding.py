@@ -42,6 +42,11 @@ LOGICAL_AXIS_RULES: LogicalRules = (
     ("norm", None),
 )
 
+# The layout parameters take while decoding (`sampling.sampling_layout`): split over the tensor axis
+# only and whole on every data-parallel device, so a decode step reads its weights in place. In the
+# training layout above a decode step would all-gather its fsdp-split weights at every token.
+SAMPLING_RULES: LogicalRules = tuple((name, None if name == "embed" else axes) for name, axes in LOGICAL_AXIS_RULES)
+
 log = logging.getLogger(__name__)
 
 
@@ -139,8 +144,8 @@ def _rule(name: str | None, rules: LogicalRules) -> tuple[str, ...]:
     raise KeyError(f"logical axis {name!r} has no rule; add it to LOGICAL_AXIS_RULES in {__name__}")
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int],
-                    mesh_shape: dict[str, int]) -> tuple[PartitionSpec, list[str]]:
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh_shape: dict[str, int],
+                    rules: LogicalRules = LOGICAL_AXIS_RULES) -> tuple[PartitionSpec, list[str]]:
     """PartitionSpec for an array with these logical axes on a mesh of `mesh_shape`.
 
     Mesh axes absent from the mesh, already used by an earlier dimension, or not dividing the
@@ -148,7 +153,6 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int],
     """
     if len(logical_axes) != len(shape):
         raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
-    rules = LOGICAL_AXIS_RULES
     used: set[str] = set()
     spec, dropped = [], []
     for name, size in zip(logical_axes, shape):
@@ -174,12 +178,12 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def param_shardings(logical_tree, abstract_tree, mesh: Mesh):
+def param_shardings(logical_tree, abstract_tree, mesh: Mesh, rules: LogicalRules = LOGICAL_AXIS_RULES):
     """NamedShardings for a parameter tree, logging every dimension that had to be replicated."""
     mesh_shape = dict(mesh.shape)
 
     def one(path, axes, leaf):
-        spec, dropped = logical_to_spec(axes, leaf.shape, mesh_shape)
+        spec, dropped = logical_to_spec(axes, leaf.shape, mesh_shape, rules)
         for reason in dropped:
             log.warning("parameter %s: %s, so that dimension is replicated instead of sharded",
                         jax.tree_util.keystr(path), reason)

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -33,7 +34,7 @@ import optax
 import tqdm
 
 from dapo_jax import checkpoints, config as config_lib, dynamic_sampling, evaluation, hf, metrics as metrics_lib
-from dapo_jax import packing, rollout, sharding, train_step as train_step_lib, workdir_lock
+from dapo_jax import packing, rollout, sampling, sharding, train_step as train_step_lib, workdir_lock
 from dapo_jax.data import datasets, synthetic
 from dapo_jax.models.loading import check_model_path, load_model
 from dapo_jax.tokenizer import QWEN_DEFAULT_SYSTEM, Tokenizer, chat_template, load_tokenizer
@@ -246,22 +247,40 @@ class Run:
 
     # -- one rollout step ----------------------------------------------------------------------------
 
-    def draw(self, step: int, batch_index: int, timer: dict) -> list[rollout.Group]:
+    def fresh_groups(self, step: int, timer: dict) -> Iterator[rollout.Group]:
+        """The step's new groups, scored, in prompt order, generated as they are asked for: one stream
+        from the engine over the prompts the step may draw (rollout.stream), or generation batches of
+        rollout.gen_prompts_per_batch prompts, each taken whole from the data. A stream leaves its
+        prompts in the data stream: `step` takes the ones it used once it is done."""
         r = self.cfg.rollout
-        records = self.stream.next_records(r.gen_prompts_per_batch)
-        return rollout.generate_groups(
-            self.model_config, self.state.params, records, self.tokenizer, samples_per_prompt=r.samples_per_prompt,
-            reward=self.reward, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-            seed=seed_for(self.cfg.seed, step, batch_index), prompt_bucket=r.prompt_bucket, mesh=self.mesh,
-            stop_ids=self.stop_ids, timer=timer, chunk_prompts=r.generation_chunk)
+        # The params in the sampling layout, made once for the step's generation (device to device).
+        params = sampling.sampling_layout(self.model_config, self.state.params, self.mesh)
+        kwargs = dict(samples_per_prompt=r.samples_per_prompt, reward=self.reward, temperature=r.temperature,
+                      top_p=r.top_p, top_k=r.top_k, prompt_bucket=r.prompt_bucket, mesh=self.mesh,
+                      stop_ids=self.stop_ids, timer=timer, slots=config_lib.rollout_slots(self.cfg))
+        if r.stream:
+            most = r.gen_prompts_per_batch * (r.max_gen_batches if r.dynamic_sampling else 1)
+            yield from rollout.stream_groups(self.model_config, params, self.stream.peek(most), self.tokenizer,
+                                             seed=seed_for(self.cfg.seed, step), **kwargs)
+            return
+        for batch_index in itertools.count():
+            yield from rollout.stream_groups(self.model_config, params,
+                                             self.stream.next_records(r.gen_prompts_per_batch), self.tokenizer,
+                                             seed=seed_for(self.cfg.seed, step, batch_index), **kwargs)
 
     def step(self, step: int) -> dict[str, float]:
         r, timer = self.cfg.rollout, {"generate": 0.0, "reward": 0.0}
         start = time.perf_counter()
-        collected = dynamic_sampling.collect(
-            step, r.prompts_per_step, self.carry, lambda batch_index: self.draw(step, batch_index, timer),
-            dynamic=r.dynamic_sampling, carry_over=r.carry_over, max_carry_age=r.max_carry_age,
-            max_gen_batches=r.max_gen_batches, on_limit=r.on_gen_batch_limit)
+        fresh = self.fresh_groups(step, timer)
+        try:
+            collected = dynamic_sampling.collect(
+                step, r.prompts_per_step, self.carry, fresh, per_batch=r.gen_prompts_per_batch,
+                whole_batches=not r.stream, dynamic=r.dynamic_sampling, carry_over=r.carry_over,
+                max_carry_age=r.max_carry_age, max_gen_batches=r.max_gen_batches, on_limit=r.on_gen_batch_limit)
+        finally:
+            fresh.close()  # the engine stops; the sampling-layout params are freed
+        if r.stream:
+            self.stream.next_records(len(collected.generated))
         if collected.partial:
             log.warning("step %d: training on a partial batch of %d of %d groups (rollout.on_gen_batch_limit="
                         "'train_partial')", step, len(collected.groups), r.prompts_per_step)

@@ -5,6 +5,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import math  # noqa: E402
+import re  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -84,3 +87,36 @@ def _fresh_jax_caches():
     import jax
 
     jax.clear_caches()
+
+
+def loop_instructions(hlo: str, jit_name: str) -> list[str]:
+    """The instructions of an optimized HLO module's `while` loops traced in `jax.jit(jit_name)`,
+    and of every computation they call: what runs at every iteration."""
+    computations = dict(re.findall(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, flags=re.S | re.M))
+    pending = re.findall(rf'while\([^\n]*body=%?([\w.\-]+)[^\n]*op_name="jit\({jit_name}\)/while"', hlo)
+    assert pending, f"no loop of jit({jit_name}) found in the HLO"
+    seen, lines = set(), []
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for line in computations[name].splitlines():
+            pending += re.findall(r"(?:calls|body|condition|to_apply)=%?([\w.\-]+)", line)
+            lines.append(line.strip())
+    return lines
+
+
+_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+          "s8": 1, "u8": 1, "pred": 1}
+
+
+def result_elements(instruction: str) -> list[tuple[str, int]]:
+    """(dtype, elements) of each array an HLO instruction returns (several for a tuple)."""
+    result = re.search(r" = (\(.*?\)|\S+) [\w\-]+\(", instruction).group(1)
+    return [(dtype, math.prod(int(d) for d in dims.split(",") if d))
+            for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", result)]
+
+
+def result_bytes(instruction: str) -> int:
+    return sum(_BYTES[dtype] * n for dtype, n in result_elements(instruction))

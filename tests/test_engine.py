@@ -1,12 +1,15 @@
 """The rollout engine: continuous batching over a paged KV cache gives the batch sampler's answers,
 token for token, whatever the slot count, the host threads or the pool size (preemption)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import loop_instructions, result_bytes
 
-from dapo_jax import engine, paged, sampling
+from dapo_jax import engine, paged, sampling, sharding
 from dapo_jax.models import qwen2
 from dapo_jax.models.loading import load_model
 
@@ -46,6 +49,40 @@ def test_sampled_answers_do_not_depend_on_slots_threads_or_pool(model, layer_loo
         assert out.truncated == reference.truncated and out.lengths == reference.lengths
         for got, want in zip(out.logprobs, reference.logprobs):
             np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_the_stream_gives_each_prompt_in_order_whatever_finishes_first(model, monkeypatch):
+    config, params = model
+    kwargs = dict(max_new_tokens=40, temperature=1.0, num_samples=2, seed=5, eos_ids=tuple(range(10, 40)))
+    engines = []
+    init = engine.Engine.__init__
+    monkeypatch.setattr(engine.Engine, "__init__", lambda self, *a, **k: (init(self, *a, **k), engines.append(self))[0])
+    want = sampling.generate(config, params, PROMPTS, slots=12, host_threads=1, **kwargs)
+    assert engines[0].finished != sorted(engines[0].finished)  # later prompts finished first...
+    for slots, threads in ((12, 1), (3, 1), (6, 2)):
+        stream = list(sampling.generate_stream(config, params, PROMPTS, slots=slots, host_threads=threads, **kwargs))
+        assert [i for i, _ in stream] == list(range(len(PROMPTS)))  # ...yet the stream keeps prompt order
+        assert [r.tokens for _, group in stream for r in group] == want.tokens
+
+
+def test_a_stream_stopped_early_decodes_no_more(model, monkeypatch):
+    config, params = model
+    steps = []
+    decode = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda *args: (steps.append(1), decode(*args))[1])
+    kwargs = dict(max_new_tokens=40, temperature=1.0, num_samples=2, seed=5, slots=2, segment=4)
+    full = sampling.generate(config, params, PROMPTS, host_threads=1, **kwargs)
+    every = len(steps)
+    stream = sampling.generate_stream(config, params, PROMPTS, host_threads=1, **kwargs)
+    first = next(stream)
+    stream.close()
+    assert first[0] == 0 and [r.tokens for r in first[1]] == full.tokens[:2]
+    assert len(steps) - every <= every // len(PROMPTS) + 1
+    # with host threads, closing the stream stops every thread's engine
+    threaded = sampling.generate_stream(config, params, PROMPTS, host_threads=2, **kwargs)
+    next(threaded)
+    threaded.close()
+    assert len(steps) - every < every
 
 
 def test_a_short_pool_preempts_and_recomputes_the_same_answers(model):
@@ -120,3 +157,40 @@ def test_a_decode_step_over_pages_matches_the_dense_cache(model):
         method=qwen2.Qwen2ForCausalLM.decode_paged)
     for i in range(len(rows)):
         np.testing.assert_allclose(np.asarray(logits[i, 0]), dense_logits[i], atol=2e-5, rtol=1e-5)
+
+
+def decode_gathers(config, params, mesh, monkeypatch) -> list[str]:
+    """The all-gathers of the decode segments the engine compiles for `params` on `mesh` (in the
+    loop: at every token; before it: at every segment, as XLA may hoist a loop-invariant gather)."""
+    hlos = []
+    decode = engine._decode
+
+    def spy(*args):
+        hlos.append(decode.lower(*args).compile().as_text())
+        return decode(*args)
+
+    monkeypatch.setattr(engine, "_decode", spy)
+    sampling.generate(config, params, PROMPTS[:4], max_new_tokens=6, num_samples=2, mesh=mesh, segment=4)
+    monkeypatch.setattr(engine, "_decode", decode)
+    assert all(loop_instructions(hlo, "_decode") for hlo in hlos)
+    return [line.strip() for hlo in hlos for line in hlo.splitlines() if re.search(r" all-gather(-start)?\(", line)]
+
+
+def test_decoding_on_an_fsdp_mesh_reads_the_weights_in_place(monkeypatch):
+    # Trained on fsdp=8, every weight is split 8 ways; decoding in that layout gathers them for each
+    # segment. The sampling layout (tensor-split only: here whole on each device) leaves nothing to
+    # gather but per-row values.
+    config, params = load_model("random:tiny,layers=2,hidden=256,mlp=512,vocab=1024", seed=0)
+    mesh = sharding.make_mesh(fsdp=8)
+    trained = jax.device_put(params, qwen2.param_shardings(config, mesh))
+    param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    laid_out = sampling.sampling_layout(config, trained, mesh)
+    assert all(x.sharding.is_fully_replicated for x in jax.tree_util.tree_leaves(laid_out))
+    assert sampling.sampling_layout(config, laid_out, mesh) is laid_out
+
+    gathers = decode_gathers(config, trained, mesh, monkeypatch)
+    assert sum(map(result_bytes, gathers)) <= 0.01 * param_bytes, gathers
+    # The check can fail: decoding in the training layout gathers the weights.
+    monkeypatch.setattr(sampling, "sampling_layout", lambda config, params, mesh: params)
+    gathers = decode_gathers(config, trained, mesh, monkeypatch)
+    assert sum(map(result_bytes, gathers)) >= 0.5 * param_bytes

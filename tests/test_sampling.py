@@ -1,7 +1,6 @@
 """The jitted KV-cache sampler: exact greedy decoding, correct sampling statistics, early exit."""
 
 import json
-import math
 import re
 
 import jax
@@ -9,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-from conftest import make_hf_model, tiny_config
+from conftest import loop_instructions, make_hf_model, result_elements, tiny_config
 
 import dapo_jax
 from dapo_jax import bench, sampling, sharding
@@ -234,22 +233,12 @@ def test_scan_and_unrolled_layer_loops_give_the_same_tokens(model):
 
 
 def decode_loop_copies(hlo: str, min_elements: int) -> list[str]:
-    """Copies and transposes of at least `min_elements` inside the decode loops of an optimized
-    HLO module (the `while` ops at the top of `_generate`, and every computation they call)."""
-    computations = dict(re.findall(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, flags=re.S | re.M))
-    pending = re.findall(r'while\([^\n]*body=%?([\w.\-]+)[^\n]*op_name="jit\(_generate\)/while"', hlo)
-    assert pending, "no decode loop found in the HLO"
-    seen, found = set(), []
-    while pending:
-        name = pending.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for line in computations[name].splitlines():
-            pending += re.findall(r"(?:calls|body|condition|to_apply)=%?([\w.\-]+)", line)
-            shape = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]\S* (copy|transpose)\(", line)
-            if shape and math.prod(int(d) for d in shape.group(1).split(",") if d) >= min_elements:
-                found.append(line.strip()[:160])
+    """Copies and transposes of at least `min_elements` inside the decode loops of `_generate`."""
+    found = []
+    for line in loop_instructions(hlo, "_generate"):
+        op = re.match(r"(?:ROOT )?%\S+ = \S+ (copy|transpose)\(", line)
+        if op and sum(n for _, n in result_elements(line)) >= min_elements:
+            found.append(line[:160])
     return found
 
 

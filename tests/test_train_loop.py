@@ -156,7 +156,7 @@ def test_resuming_drops_the_records_of_steps_that_run_again(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
 
 
-def test_a_generation_batch_in_chunks_scores_every_prompt_in_order():
+def test_groups_come_in_prompt_order_whatever_the_slots():
     from dapo_jax import rollout
     from dapo_jax.models.loading import load_model
 
@@ -166,14 +166,38 @@ def test_a_generation_batch_in_chunks_scores_every_prompt_in_order():
     records = train.load_prompts(cfg, "eval", tokenizer)[:7]
     kwargs = dict(samples_per_prompt=2, reward=rollout.RewardConfig(16), temperature=1.0, top_p=1.0, top_k=0,
                   seed=3, prompt_bucket=8, stop_ids=tokenizer.eos_ids)
-    chunked = rollout.generate_groups(model_config, params, records, tokenizer, chunk_prompts=3, **kwargs)
-    assert [g.record.uid for g in chunked] == [r.uid for r in records]  # 3 + 3 + 1 prompts, in order
-    assert all(len(g.responses) == 2 for g in chunked)
-    again = rollout.generate_groups(model_config, params, records, tokenizer, chunk_prompts=3, **kwargs)
-    assert [g.responses for g in again] == [g.responses for g in chunked]  # reproducible
-    # chunk i samples with seed + i: the first chunk is the same call as those 3 prompts alone
-    first = rollout.generate_groups(model_config, params, records[:3], tokenizer, **kwargs)
-    assert [g.responses for g in first] == [g.responses for g in chunked[:3]]
+    few = rollout.generate_groups(model_config, params, records, tokenizer, slots=3, **kwargs)
+    assert [g.record.uid for g in few] == [r.uid for r in records]
+    assert all(len(g.responses) == 2 for g in few)
+    every = rollout.generate_groups(model_config, params, records, tokenizer, **kwargs)
+    assert [g.responses for g in every] == [g.responses for g in few]
+    # a stream closed early hands back the groups before it, the same
+    stream = rollout.stream_groups(model_config, params, records, tokenizer, slots=4, **kwargs)
+    first = [next(stream) for _ in range(3)]
+    stream.close()
+    assert [g.responses for g in first] == [g.responses for g in few[:3]]
+
+
+def test_a_streamed_step_takes_the_same_groups_whatever_finishes_first(tmp_path, monkeypatch):
+    from dapo_jax import dynamic_sampling
+    from dapo_jax.data import datasets
+
+    taken, collect = [], dynamic_sampling.collect
+    monkeypatch.setattr(dynamic_sampling, "collect", lambda *a, **k: taken.append(collect(*a, **k)) or taken[-1])
+    runs = []
+    for chunk in (1, 0):  # the engine's slots: one prompt's answers at a time, or a generation batch's
+        c = small_config()
+        c.rollout.generation_chunk = chunk
+        runs.append(train.Run(c, tmp_path / str(chunk)))
+        runs[-1].step(0)
+    one_at_a_time, together = taken
+    assert [g.record.uid for g in one_at_a_time.groups] == [g.record.uid for g in together.groups]
+    assert [g.responses for g in one_at_a_time.generated] == [g.responses for g in together.generated]
+    assert len(together.groups) == 4 and together.generated[-1].informative and together.carry == []
+    # the prompts it did not reach stay in the data stream for the next step
+    used = datasets.PromptStream(runs[0].train_records, seed=small_config().seed)
+    used.next_records(len(together.generated))
+    assert runs[0].stream.get_state() == runs[1].stream.get_state() == used.get_state()
 
 
 def test_the_reference_policy_is_the_starting_policy_and_stays_frozen(tmp_path):

@@ -266,6 +266,13 @@ class PromptStream:
             raise ValueError(f"next_records(n={n}): n must be >= 0")
         return [next(self._iterator) for _ in range(n)]
 
+    def peek(self, n: int) -> list[PromptRecord]:
+        """The next n records, left in the stream (a rollout takes from them what it used)."""
+        state = self._iterator.get_state()
+        records = self.next_records(n)
+        self._iterator.set_state(state)
+        return records
+
     def get_state(self) -> dict:
         return {"seed": self.seed, "num_records": self.num_records, "fingerprint": self._fingerprint,
                 "iterator": self._iterator.get_state()}

@@ -669,9 +669,9 @@ def abstract_params(config: Qwen2Config):
     return nn.unbox(_abstract_boxed_params(config))
 
 
-def param_shardings(config: Qwen2Config, mesh):
+def param_shardings(config: Qwen2Config, mesh, rules: sharding.LogicalRules = sharding.LOGICAL_AXIS_RULES):
     """NamedShardings of every parameter on `mesh`, from the logical-axis rules."""
-    return sharding.param_shardings(param_logical_axes(config), abstract_params(config), mesh)
+    return sharding.param_shardings(param_logical_axes(config), abstract_params(config), mesh, rules)
 
 
 def _init(config: Qwen2Config, rng: jax.Array):
