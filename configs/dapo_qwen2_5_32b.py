@@ -44,11 +44,14 @@ def get_config():
     # which for Qwen2.5-32B base is <|endoftext|> (151643) alone. An <|im_end|> the base model writes
     # is part of the answer and counts toward its length and overlong penalty.
     c.rollout.stop_ids = ""
-    # The rollout engine decodes the answers of 8 prompts at once (8 x 16 = 128 slots): a slot's KV cache
-    # grows to 22,528 positions at most, ~0.34 GiB per answer per device on a v5p-32 (fsdp 2 x tensor 8).
-    # `python -m dapo_jax.plan --config configs/dapo_qwen2_5_32b.py --topology v5p-32` checks it (on a
-    # v5p-64, 24 prompts fit).
-    c.rollout.generation_chunk = 8
+    # The rollout engine decodes the answers of 16 prompts at once (256 slots, 128 per data shard) over a
+    # pool of 40,960 pages of 64 tokens: 2.6M tokens, 10,240 per slot on average (45% of a 2,048 + 20,480
+    # answer; when the pool runs short the latest admitted answers wait and are recomputed). 40 GiB per
+    # device on a v5p-32 (fsdp 2 x tensor 8); a contiguous cache per slot would need 44 GiB for 128 slots.
+    # `python -m dapo_jax.plan --config configs/dapo_qwen2_5_32b.py --topology v5p-32` checks it.
+    c.rollout.generation_chunk = 16
+    c.rollout.pages = 40960
+    c.rollout.page_size = 64
 
     c.reward.overlong_buffer = 4096
     c.reward.overlong_penalty_factor = 1.0
@@ -82,7 +85,7 @@ def get_config():
 
 def at_size(name: str, *, max_response_length: int, overlong_buffer: int, prompts_per_step: int,
             minibatch_size: int, microbatch_size: int, tensor: int, generation_chunk: int = 0,
-            eval_prompts_per_batch: int = 30):
+            eval_prompts_per_batch: int = 30, pages: int = 0):
     """The same recipe for a smaller Qwen2.5: shorter answers, smaller batches, the same algorithm."""
     c = get_config()
     c.model.path = f"checkpoints/Qwen2.5-{name}"
@@ -93,6 +96,7 @@ def at_size(name: str, *, max_response_length: int, overlong_buffer: int, prompt
     c.optim.minibatch_size = minibatch_size
     c.optim.microbatch_size = microbatch_size
     c.rollout.generation_chunk = generation_chunk
+    c.rollout.pages = pages  # 0: a contiguous cache per slot (plan a pool with `python -m dapo_jax.plan`)
     c.eval.prompts_per_batch = eval_prompts_per_batch
     c.mesh.update(data=1, fsdp=-1, tensor=tensor)
     return c

@@ -74,6 +74,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Dynamic sampling takes groups from the engine as they finish, in prompt order, and stops generating
     # once the step's batch is full; False: whole generation batches, as the reference.
     c.rollout.stream = True
+    # The engine's KV cache: 0 = each slot its own stretch, grown to the longest answer it may write
+    # (slots x (prompt + max_response_length) at most); > 0 = a pool of that many pages of page_size
+    # tokens that slots draw from as they grow (sized by the tokens held; the latest admitted answers
+    # give way and are recomputed when it runs short). TPU reads pages with the Pallas kernel.
+    c.rollout.pages = 0
+    c.rollout.page_size = 64
 
     c.reward = ml_collections.ConfigDict()
     c.reward.overlong_buffer = 8  # L_cache tokens; 0 turns the soft overlong punishment off
@@ -251,6 +257,9 @@ def problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
                    f"{r.prompts_per_step}: the first step could never fill its batch; raise either")
     if r.prompt_bucket < 1:
         out.append(f"rollout.prompt_bucket={r.prompt_bucket} must be >= 1")
+    if r.pages < 0 or r.page_size < 1:
+        out.append(f"rollout.pages={r.pages} must be >= 0 (0: a contiguous cache per slot) and rollout.page_size="
+                   f"{r.page_size} >= 1")
     if r.generation_chunk < 0:
         out.append(f"rollout.generation_chunk={r.generation_chunk} must be >= 0 (0: a whole generation batch per "
                    f"sampler call)")

@@ -18,7 +18,10 @@ Two cache layouts (`EngineConfig.pages`):
                 the cache is sized by the tokens held, not slots x the longest answer. When the pool
                 runs short, the most recently admitted slots give their pages back and their work is
                 queued again from the start (a recomputation, as vLLM does): its tokens are the same
-                when it runs again. Reading a slot's pages is a gather here (the portable version).
+                when it runs again. On TPU the Pallas paged-attention kernel reads a slot's pages,
+                elsewhere a gather (`dapo_jax.paged`). On a mesh each data shard owns its share of
+                the pool and its share of the slots, and the host hands a slot pages of its own
+                shard only, so a decode step never moves keys or values between devices.
     pages = 0   each slot its own contiguous stretch of cache (the batch sampler's layout), read in
                 place and sized to the longest span the busy slots need (resized between segments):
                 no gathers, the fastest layout where no paged-attention kernel runs.
@@ -59,9 +62,10 @@ class EngineConfig:
     page_size: int = 64  # tokens per page
     pages: int = 0  # pages in the pool; 0 = enough for every slot at the longest length (never preempts)
     segment: int = 16  # decode steps per device call between admissions
+    prefill: int = 8  # prompts prefilled per admission at most (bounds its activations; the rest wait a segment)
 
     def __post_init__(self):
-        for name in ("slots", "page_size", "segment"):
+        for name in ("slots", "page_size", "segment", "prefill"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine {name}={getattr(self, name)} must be >= 1")
         if self.pages < 0:
@@ -234,14 +238,51 @@ def _bucket(n: int, most: int) -> int:
     return min(most, 1 << max(0, (n - 1).bit_length()))
 
 
+class _Pages:
+    """The host's page accounting: each data shard's free pages, and each slot's (its table row).
+    Slot s belongs to shard s // (slots / shards) and draws pages only from that shard's share of
+    the pool, pages [d * n, (d + 1) * n) for shard d: the share its device holds."""
+
+    def __init__(self, pool: int, shards: int, slots: int, width: int):
+        self.pool, self.shards = pool, shards
+        n = pool // shards
+        self.free = [collections.deque(range(d * n, (d + 1) * n)) for d in range(shards)]
+        self.table = np.full((slots, width), pool, np.int32)  # `pool`: no page
+        self.held = np.zeros(slots, np.int64)
+
+    def shard(self, slot: int) -> int:
+        return slot // (len(self.table) // self.shards)
+
+    def available(self, slot: int) -> int:
+        return len(self.free[self.shard(slot)])
+
+    def give(self, slot: int, count: int) -> None:
+        free = self.free[self.shard(slot)]
+        for k in range(self.held[slot], count):
+            self.table[slot, k] = free.popleft()
+        self.held[slot] = max(self.held[slot], count)
+
+    def release(self, slot: int) -> None:
+        self.free[self.shard(slot)].extend(int(p) for p in self.table[slot, :self.held[slot]])
+        self.table[slot] = self.pool
+        self.held[slot] = 0
+
+    def keep(self, rows: Sequence[int]) -> None:
+        self.table, self.held = self.table[rows], self.held[rows]
+
+
 class Engine:
-    """Continuous batching for one model's params on one device (see the module docstring)."""
+    """Continuous batching for one model's params on one device, or on a mesh with its slots split
+    over `shards` data-parallel devices (see the module docstring)."""
 
     def __init__(self, config: Qwen2Config, params, sampling: SamplingConfig, engine: EngineConfig, *,
-                 prompt_bucket: int = 32, layer_loop: str = "unrolled", min_slots: int = 1):
+                 prompt_bucket: int = 32, layer_loop: str = "unrolled", shards: int = 1):
+        if engine.slots % shards:
+            raise ValueError(f"engine slots={engine.slots} do not split over {shards} data-parallel devices; "
+                             f"use a multiple of {shards}")
         self.config, self.params, self.sampling, self.engine = config, params, sampling, engine
         self.layer_loop = layer_loop
-        self.min_slots = min_slots  # the tail's compaction keeps at least this many rows (a mesh's data-parallel size)
+        self.shards = shards
         ps = engine.page_size
         self.bucket = -(-max(prompt_bucket, 1) // ps) * ps  # prompts are padded to whole pages
         self.decode_steps = 0
@@ -260,17 +301,18 @@ class Engine:
         caller stops iterating or `stop()` returns True (checked between segments).
         """
         cfg, e, G, M = self.config, self.engine, self.sampling.num_samples, self.sampling.max_new_tokens
-        ps, S = e.page_size, e.slots
+        ps, S, shards = e.page_size, e.slots, self.shards
         longest = max(len(p) for p in prompts)
         width = -(-longest // self.bucket) * self.bucket
         most = -(-(longest + M - 1) // ps)  # the pages of the longest prompt's answer at full length
         pages_per_slot = max(most, width // ps)  # (the prefill writes whole padded prompts)
         is_paged = e.pages > 0
-        pool = e.pages or S * pages_per_slot  # contiguous slots: the page accounting never runs short
-        if pool < most:
-            raise ValueError(f"engine pages={pool} cannot hold one answer ({most} pages of {ps} tokens for the "
-                             f"{longest}-token prompt and {M} new tokens); give it at least that many (each of "
-                             f"several host threads gets its share of the pages)")
+        pool = e.pages // shards * shards or S * pages_per_slot  # contiguous slots: the accounting never runs short
+        if pool // shards < most:
+            raise ValueError(f"engine pages={e.pages} cannot hold one answer ({most} pages of {ps} tokens for the "
+                             f"{longest}-token prompt and {M} new tokens) in each of the {shards} data-parallel "
+                             f"shares of the pool; give it at least {most * shards} (each of several host threads "
+                             f"gets its share of the pages)")
         per_layer = self.layer_loop == "unrolled"
         if is_paged:
             cache = paged.PagedKVCache.zeros(cfg, pool, ps, per_layer=per_layer)
@@ -278,13 +320,11 @@ class Engine:
             length = self._span(width, width, pages_per_slot * ps)
             cache = _contiguous(cfg, S, length, per_layer)
         slots = Slots.empty(S, M)
-        table = np.full((S, pages_per_slot), pool, np.int32)
-        free_pages = collections.deque(range(pool))
-        free_slots = collections.deque(range(S))
+        pages = _Pages(pool, shards, S, pages_per_slot)
+        free_slots = set(range(S))
         queue = collections.deque(range(len(prompts) * G))
         owner: dict[int, int] = {}  # slot -> work item
         admitted: dict[int, int] = {}  # slot -> admission order (the latest give way first)
-        held = {s: 0 for s in range(S)}  # pages handed to each slot
         lengths = np.zeros(S, np.int64)
         results: dict[int, Result] = {}
         numbers = range(len(prompts)) if numbers is None else numbers
@@ -293,70 +333,71 @@ class Engine:
         def pages_for(tokens) -> int:
             return int(-(-tokens // ps))
 
-        def give(slot: int, count: int) -> None:
-            for k in range(held[slot], count):
-                table[slot, k] = free_pages.popleft()
-            held[slot] = max(held[slot], count)
-
         def release(slot: int) -> None:
-            for k in range(held[slot]):
-                free_pages.append(int(table[slot, k]))
-            table[slot, :] = pool
-            held[slot] = 0
+            pages.release(slot)
             owner.pop(slot)
             admitted.pop(slot)
-            free_slots.append(slot)
+            free_slots.add(slot)
 
         while (queue or owner) and not (stop is not None and stop()):
-            # admit: the next work into free slots, as long as the pool has its prompt's pages and
-            # its first segment's
-            admit = []
+            # admit: the next work into free slots (the one whose shard has the most free pages), as
+            # long as that shard has the pages of its prompt and first segment
+            admit, prefilled = [], set()
             while queue and free_slots:
                 item = queue[0]
+                if item // G not in prefilled and len(prefilled) == e.prefill:
+                    break
                 plen = len(prompts[item // G])
                 need = pages_for(min(plen + e.segment, plen + M - 1))
-                if len(free_pages) < need:
+                slot = max(sorted(free_slots), key=pages.available)
+                if pages.available(slot) < need:
                     break
                 queue.popleft()
-                slot = free_slots.popleft()
-                give(slot, need)
+                prefilled.add(item // G)
+                free_slots.remove(slot)
+                pages.give(slot, need)
                 owner[slot], admitted[slot], lengths[slot] = item, order, 1
                 order += 1
                 admit.append(slot)
             if admit:
-                cache, slots = self._admit(cache, slots, prompts, admit, owner, table, width, rng, numbers)
-            # the tail: no work waits and at most half the slots are busy. The busy ones move to the
-            # front and decoding goes on with half as many rows (one copy of their state per halving).
-            if not queue and len(owner) <= S // 2 and S // 2 >= self.min_slots:
-                S = max(self.min_slots, 1 << (len(owner) - 1).bit_length())
-                keep = sorted(owner)
-                rows = keep + [s for s in range(len(table)) if s not in owner][:S - len(keep)]
+                cache, slots = self._admit(cache, slots, prompts, admit, owner, pages.table, width, rng, numbers)
+            # the tail: no work waits and the busy slots fit in half the rows. They move to the front
+            # of their shard's rows and decoding goes on with fewer rows (one copy per halving).
+            per_shard = [sorted(s for s in owner if pages.shard(s) == d) for d in range(shards)]
+            fewer = shards * (1 << (max(1, *map(len, per_shard)) - 1).bit_length())
+            if not queue and fewer <= S // 2:
+                rows = []
+                for d, busy_d in enumerate(per_shard):
+                    idle_d = [s for s in range(d * S // shards, (d + 1) * S // shards) if s not in owner]
+                    rows += busy_d + idle_d[:fewer // shards - len(busy_d)]
+                S = fewer
                 cache, slots = _compact(cache, slots, np.asarray(rows, np.int32))
-                new = {old: k for k, old in enumerate(keep)}
+                new = {old: k for k, old in enumerate(rows)}
                 owner = {new[s]: w for s, w in owner.items()}
                 admitted = {new[s]: a for s, a in admitted.items()}
-                held = {k: held[s] for k, s in enumerate(rows)}
-                lengths, table = lengths[rows], table[rows]
-                free_slots = collections.deque(range(len(keep), S))
-            # every busy slot's pages for the next segment; short of pages, the latest admitted give way
+                pages.keep(rows)
+                lengths = lengths[rows]
+                free_slots = set(range(S)) - set(owner)
+            # every busy slot's pages for the next segment; short of pages in a shard, its latest
+            # admitted slots give way
             while True:
                 need = {s: pages_for(min(len(prompts[owner[s] // G]) + lengths[s] + e.segment - 1,
                                          len(prompts[owner[s] // G]) + M - 1)) for s in owner}
-                short = sum(max(0, n - held[s]) for s, n in need.items()) - len(free_pages)
-                if short <= 0:
+                short = [sum(max(0, n - pages.held[s]) for s, n in need.items() if pages.shard(s) == d)
+                         - len(pages.free[d]) for d in range(shards)]
+                d = int(np.argmax(short))
+                if short[d] <= 0:
                     break
-                victim = max(admitted, key=admitted.get)
+                victim = max((s for s in admitted if pages.shard(s) == d), key=admitted.get)
                 queue.appendleft(owner[victim])
                 release(victim)
                 self.preempted += 1
-                if not owner:
-                    raise RuntimeError("the page pool cannot hold one slot's next segment")  # pool >= pages_per_slot
             for s, n in need.items():
-                give(s, n)
+                pages.give(s, n)
             busy = np.zeros(S, bool)
             busy[list(owner)] = True
             if is_paged:
-                table_now = table[:, :_bucket(max(held[s] for s in owner), pages_per_slot)]
+                table_now = pages.table[:, :_bucket(int(pages.held.max()), pages_per_slot)]
             else:  # the cache the busy slots read this segment, resized when its bucket changes
                 table_now = np.zeros((S, 0), np.int32)
                 length = self._span(max(n for n in need.values()) * ps, width, pages_per_slot * ps)
@@ -395,8 +436,7 @@ class Engine:
     def _admit(self, cache, slots, prompts, admit, owner, table, width, rng, numbers):
         G, S = self.sampling.num_samples, len(table)  # (fewer than engine.slots after the tail's compaction)
         sources = sorted({owner[s] // G for s in admit})
-        a = _bucket(len(admit), S)
-        q = a  # one size for both: fewer shapes to compile (log2(slots) per prompt width)
+        a, q = _bucket(len(admit), S), _bucket(len(sources), S)  # slots admitted, prompts prefilled
         prompt_QxP = np.zeros((q, width), np.int32)
         prompt_len_Q = np.ones(q, np.int32)
         for k, i in enumerate(sources):
@@ -406,10 +446,13 @@ class Engine:
         slot_A = np.full(a, S, np.int32)
         source_A = np.zeros(a, np.int32)
         row_A = np.zeros(a, np.int32)
-        pool = table.shape[1] * S + 1  # (only a paged cache reads these)
+        # the pages each admitted slot's prompt goes to, `pool` (no page: dropped) in padding rows; a
+        # contiguous cache has no pages
         if _is_paged(cache):
             pool = (cache[0] if isinstance(cache, list) else cache).pages
-        pages_AxN = np.full((a, width // self.engine.page_size), pool, np.int32)  # (no page: dropped)
+            pages_AxN = np.full((a, width // self.engine.page_size), pool, np.int32)
+        else:
+            pages_AxN = np.zeros((a, 0), np.int32)
         for k, s in enumerate(admit):
             slot_A[k], source_A[k], row_A[k] = s, where[owner[s] // G], numbers[owner[s] // G] * G + owner[s] % G
             pages_AxN[k] = table[s, :pages_AxN.shape[1]]
@@ -436,9 +479,10 @@ def stream_on_engine(config: Qwen2Config, params, prompts: Sequence[Sequence[int
 
     def engine_for(share_of: float) -> Engine:  # with that share of the slots and pages
         size = EngineConfig(slots=-(-max(1, math.ceil(total * share_of)) // data_parallel) * data_parallel,
-                            page_size=page_size, pages=int(pages * share_of), segment=segment)
+                            page_size=page_size, pages=int(pages * share_of) // data_parallel * data_parallel,
+                            segment=segment)
         engines.append(Engine(config, params, sampling, size, prompt_bucket=sampling.prompt_bucket,
-                              layer_loop=sampling.layer_loop, min_slots=data_parallel))
+                              layer_loop=sampling.layer_loop, shards=data_parallel))
         return engines[-1]
 
     if threads == 1:

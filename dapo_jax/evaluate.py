@@ -125,7 +125,7 @@ def evaluate(cfg: ml_collections.ConfigDict | None, checkpoint: str | Path, out:
         model_config, params, records, tokenizer, samples_per_prompt=e.samples_per_prompt, temperature=e.temperature,
         top_p=e.top_p, max_response_length=cfg.rollout.max_response_length, prompts_per_batch=e.prompts_per_batch,
         seed=train.seed_for(cfg.seed, 1 << 30), mesh=mesh, prompt_bucket=cfg.rollout.prompt_bucket,
-        stop_ids=stop_ids)
+        stop_ids=stop_ids, pages=cfg.rollout.pages, page_size=cfg.rollout.page_size)
     metrics["time/eval"] = time.perf_counter() - start
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)

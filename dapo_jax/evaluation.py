@@ -157,7 +157,8 @@ def format_table(metrics: Mapping[str, float]) -> str:
 
 def run_evaluation(model_config, params, records, tokenizer, *, samples_per_prompt: int, temperature: float,
                    top_p: float, max_response_length: int, prompts_per_batch: int, seed: int,
-                   stop_ids: Sequence[int], prompt_bucket: int = 32, mesh=None) -> tuple[dict[str, float], list[dict]]:
+                   stop_ids: Sequence[int], prompt_bucket: int = 32, mesh=None, pages: int = 0,
+                   page_size: int = 64) -> tuple[dict[str, float], list[dict]]:
     """(metrics, per-sample results) for `records` (PromptRecords): avg@k, pass@k and maj@k per data
     source and over all, plus the mean response length. Truncated answers count as they are scored."""
     from dapo_jax import rollout  # the sampler pulls in JAX; the metrics above do not need it
@@ -167,7 +168,7 @@ def run_evaluation(model_config, params, records, tokenizer, *, samples_per_prom
     for g in rollout.stream_groups(model_config, params, records, tokenizer, samples_per_prompt=samples_per_prompt,
                                    reward=reward, temperature=temperature, top_p=top_p, top_k=0, seed=seed,
                                    prompt_bucket=prompt_bucket, stop_ids=stop_ids, mesh=mesh,
-                                   slots=prompts_per_batch * samples_per_prompt):
+                                   slots=prompts_per_batch * samples_per_prompt, pages=pages, page_size=page_size):
         for text, acc, pred, response in zip(g.texts, g.accs, g.preds, g.responses):
             results.append({"data_source": g.record.data_source, "uid": g.record.uid, "correct": acc,
                             "pred": pred, "response": text, "length": len(response),

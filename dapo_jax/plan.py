@@ -16,7 +16,8 @@ phase's peak is the state plus what that phase adds:
     sampler      state + prompts + KV cache and other temps + outputs
 
 A config that does not fit gets suggestions, with numbers: more fsdp, rematerialisation, smaller
-micro-batches, fewer prompts per sampler call (rollout.generation_chunk), a larger slice.
+micro-batches, a smaller page pool (rollout.pages) or fewer slots (rollout.generation_chunk), a larger
+slice.
 """
 
 from __future__ import annotations
@@ -231,14 +232,6 @@ def train_batch_shapes(cfg: ml_collections.ConfigDict, rows: int, mesh) -> dict:
         replicated=NamedSharding(mesh, PartitionSpec()))
 
 
-def kv_cache_bytes(config: qwen2.Qwen2Config, sequences: int, length: int, mesh) -> int:
-    """Bytes per device of the sampler's KV cache for `sequences` rows of `length` slots."""
-    shape = (config.num_hidden_layers, sequences, config.num_key_value_heads, length, config.kv_head_dim)
-    spec, _ = sharding.logical_to_spec(qwen2.V_CACHE_AXES, shape, dict(mesh.shape))  # keys: the same, transposed
-    shard = NamedSharding(mesh, spec).shard_shape(shape)
-    return 2 * math.prod(shard) * jnp.dtype(config.dtype).itemsize  # keys and values
-
-
 @dataclasses.dataclass
 class Plan:
     cfg: ml_collections.ConfigDict
@@ -251,14 +244,25 @@ class Plan:
     ref_params: int  # the reference policy's copy of the parameters (0 without a KL penalty)
     batch: int
     train: Compiled
-    sampler: Compiled
-    sampler_phase: str  # "rollout" or "eval": whichever sampler call holds more sequences
-    sampler_prompts: int  # prompts per sampler call
-    sampler_samples: int  # answers per prompt
-    sampler_sequences: int
-    sampler_length: int
-    kv_cache: int
-    kv_cache_per_sequence: float  # bytes per device per sequence
+    sampler: Compiled  # a decode segment of the rollout engine
+    admit: Compiled  # the engine's admission (prefill) of every slot at once
+    call: SamplerCall  # the larger phase's engine
+    sampling_params: int  # the parameters in the sampling layout (held while generating)
+    reshard: int  # bytes each device receives to build that layout
+    kv_cache: int  # the engine's KV cache (the page pool, or every slot at full length)
+    kv_per_token: int  # bytes per device per cached token of a slot of its data shard
+
+    @property
+    def sampler_phase(self) -> str:
+        return self.call.phase
+
+    @property
+    def sampler_prompts(self) -> int:
+        return self.call.prompts
+
+    @property
+    def sampler_samples(self) -> int:
+        return self.call.samples
 
     @property
     def state(self) -> int:
@@ -272,8 +276,9 @@ class Plan:
 
     @property
     def sampler_peak(self) -> int:
-        # the sampler's arguments hold the parameters; the optimizer state and the reference sit beside them
-        return self.sampler.peak + self.opt_state + self.ref_params
+        # the engine's programs hold the sampling layout, the cache and the slots; the training state
+        # (and the reference) sit beside them
+        return max(self.sampler.peak, self.admit.peak) + self.state
 
     @property
     def peak(self) -> int:
@@ -282,41 +287,117 @@ class Plan:
     @property
     def fits(self) -> bool | None:
         """Whether the peak stays under HEADROOM of the device's memory (None: no figure for it, e.g. a GPU)."""
-        if self.train.error or self.sampler.error:
+        if self.train.error or self.sampler.error or self.admit.error:
             return False
         return None if self.target.hbm_bytes is None else self.peak <= HEADROOM * self.target.hbm_bytes
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerCall:
+    """The rollout engine as the run's larger phase (rollout or evaluation) sets it up."""
+
     phase: str  # "rollout" or "eval"
-    prompts: int  # as configured
+    prompts: int  # prompts whose answers decode at once (a rollout chunk, an evaluation batch)
     samples: int
-    rows: int  # prompts padded to a multiple of the data-parallel devices, as the sampler does
-    prompt_length: int  # padded to the bucket
+    slots: int  # prompts x samples, a multiple of the data-parallel devices (the engine's shards)
+    shards: int
+    prompt_length: int  # padded to the engine's bucket (whole pages)
+    page_size: int
+    pages_per_slot: int  # a slot's pages at the longest prompt + answer
+    pages: int  # the pool as configured (0: contiguous per-slot caches)
+    per_layer: bool  # per-layer caches (the unrolled layer loop) or stacked (scan)
     spec: sampling.SamplingConfig
+
+    @property
+    def pool_pages(self) -> int:
+        """Pages the cache holds: the pool, or every slot at full length (contiguous)."""
+        return self.pages // self.shards * self.shards or self.slots * self.pages_per_slot
 
 
 def largest_sampler_call(cfg: ml_collections.ConfigDict, mesh, *, on_cpu: bool) -> SamplerCall:
-    """The run's largest sampler call: a rollout chunk, or an evaluation batch (k samples per prompt)."""
+    """The run's larger engine: the rollout's (config.rollout_slots answers at once) or an evaluation
+    batch's (k samples per prompt)."""
     r, e = cfg.rollout, cfg.eval
     calls = {"rollout": (r.generation_chunk or r.gen_prompts_per_batch, r.samples_per_prompt),
              "eval": (e.prompts_per_batch, e.samples_per_prompt)}
     phase = max(calls, key=lambda k: math.prod(calls[k]))
     prompts, samples = calls[phase]
-    multiple = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-    bucket = max(r.prompt_bucket, 1)
+    shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+    per_layer = on_cpu or r.pages > 0  # as `sampling.generate` picks the layer loop
     spec = sampling.SamplingConfig(max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
-                                   top_k=r.top_k, eos_ids=(0,), num_samples=samples, prompt_bucket=bucket,
-                                   layer_loop="unrolled" if on_cpu else "scan")
-    return SamplerCall(phase, prompts, samples, -(-prompts // multiple) * multiple,
-                       -(-cfg.data.max_prompt_length // bucket) * bucket, spec)
+                                   top_k=r.top_k, eos_ids=(0,), num_samples=samples, prompt_bucket=r.prompt_bucket,
+                                   layer_loop="unrolled" if per_layer else "scan")
+    ps = r.page_size
+    bucket = -(-max(r.prompt_bucket, 1) // ps) * ps  # as the engine pads prompts: whole pages
+    width = -(-cfg.data.max_prompt_length // bucket) * bucket
+    pages_per_slot = max(-(-(cfg.data.max_prompt_length + r.max_response_length - 1) // ps), width // ps)
+    slots = -(-prompts * samples // shards) * shards
+    return SamplerCall(phase, prompts, samples, slots, shards, width, ps, pages_per_slot, r.pages, per_layer, spec)
+
+
+def compile_sampler(model_cfg: qwen2.Qwen2Config, call: SamplerCall, mesh) -> tuple[Compiled, Compiled]:
+    """(a decode segment, the admission of every slot at once) of the rollout engine, compiled for
+    `mesh` with the parameters in the sampling layout (`sampling.sampling_layout`)."""
+    from dapo_jax import engine, paged
+
+    S, ps, shape = call.slots, call.page_size, dict(mesh.shape)
+    rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = sampling_params(model_cfg, mesh)
+    with jax.set_mesh(mesh):
+        if call.pages:
+            pool = jax.eval_shape(lambda: paged.PagedKVCache.zeros(model_cfg, call.pool_pages, ps,
+                                                                   per_layer=call.per_layer))
+            pool_sharding = NamedSharding(mesh, paged.pool_spec((pool[0] if call.per_layer else pool).k.shape, shape))
+            cache = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=pool_sharding), pool)
+            table_width, admit_pages = call.pages_per_slot, call.prompt_length // ps
+        else:  # every slot's stretch at the longest span
+            length = call.pages_per_slot * ps
+            kv = jax.eval_shape(lambda: engine._contiguous(model_cfg, S, length, call.per_layer))
+            cache = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+                mesh, sharding.logical_to_spec(qwen2.V_CACHE_AXES[-x.ndim:], x.shape, shape)[0])), kv)
+            table_width, admit_pages = 0, 0
+        slots = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows),
+                                       jax.eval_shape(lambda: engine.Slots.empty(S, call.spec.max_new_tokens)))
+        int_rows = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32, sharding=replicated)  # noqa: E731
+        decode = _compile(lambda: engine._decode.lower(model_cfg, call.spec, 16, params, cache, slots,
+                                                       int_rows(S, table_width),
+                                                       jax.ShapeDtypeStruct((S,), jnp.bool_, sharding=replicated)),
+                          bytes_on_device((params, cache, slots)))
+        # the largest admission: as many prompts as one prefills (engine.EngineConfig.prefill), their slots
+        prompts = min(-(-S // call.samples), engine.EngineConfig.prefill)
+        q, a = (min(S, 1 << (n - 1).bit_length()) for n in (prompts, prompts * call.samples))
+        key = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=replicated)
+        admit = _compile(lambda: engine._admit.lower(model_cfg, call.spec, params, cache, slots,
+                                                     int_rows(q, call.prompt_length), int_rows(q), int_rows(a),
+                                                     int_rows(a), int_rows(a), int_rows(a, admit_pages), key),
+                         bytes_on_device((params, cache, slots)))
+    return decode, admit
+
+
+def sampling_params(model_cfg: qwen2.Qwen2Config, mesh):
+    """The parameters as the engine reads them (`sampling.sampling_layout`), as ShapeDtypeStructs."""
+    dtype = model_cfg.compute_dtype
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+                                          sharding=s),
+        qwen2.abstract_params(model_cfg), qwen2.param_shardings(model_cfg, mesh, sharding.SAMPLING_RULES))
+
+
+def reshard_bytes(train_params, sampled) -> int:
+    """Bytes each device receives to build the sampling layout from the training layout: what its
+    sampling shard holds beyond its (cast) training shard, which lies inside it."""
+    def extra(t, s):
+        have = math.prod(t.sharding.shard_shape(t.shape))
+        return max(0, math.prod(s.sharding.shard_shape(s.shape)) - have) * jnp.dtype(s.dtype).itemsize
+    return sum(map(extra, jax.tree_util.tree_leaves(train_params), jax.tree_util.tree_leaves(sampled)))
 
 
 # The config fields each compiled program depends on (a plan reuses a compilation whose fields did
 # not change: the train step does not see the sampler's chunk, and the other way round).
-_SAMPLER_ONLY = ("rollout.generation_chunk", "rollout.gen_prompts_per_batch", "eval.prompts_per_batch",
-                 "eval.samples_per_prompt")
+_SAMPLER_ONLY = ("rollout.generation_chunk", "rollout.gen_prompts_per_batch", "rollout.pages", "rollout.page_size",
+                 "eval.prompts_per_batch", "eval.samples_per_prompt")
 _TRAIN_ONLY = ("optim.microbatch_size", "optim.minibatch_size", "model.remat_policy", "algorithm.kl_coef",
                "algorithm.kl_estimator")
 
@@ -356,26 +437,19 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: str, *, slices: int = 1,
                                       bytes_on_device(state) + bytes_on_device(batch))
 
     call = largest_sampler_call(cfg, mesh, on_cpu=topology == "cpu" and jax.default_backend() == "cpu")
-    replicated = NamedSharding(mesh, PartitionSpec())
-    prompts_shape = (call.rows, call.prompt_length)
-    prompt_args = (jax.ShapeDtypeStruct(prompts_shape, jnp.int32, sharding=replicated),
-                   jax.ShapeDtypeStruct(prompts_shape, jnp.int32, sharding=replicated),
-                   jax.ShapeDtypeStruct((call.rows,), jnp.bool_, sharding=replicated),
-                   jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=replicated),
-                   jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
     if previous is not None and _key(previous.cfg, _TRAIN_ONLY) == _key(cfg, _TRAIN_ONLY):
-        sampler_compiled = previous.sampler
+        decode, admit = previous.sampler, previous.admit
     else:
-        with jax.set_mesh(mesh):
-            lower = lambda: sampling._generate.lower(model_cfg, call.spec, params, *prompt_args)  # noqa: E731
-            sampler_compiled = _compile(lower, bytes_on_device(params) + bytes_on_device(prompt_args[:3]))
-    length = sampling.span_slots(model_cfg, call.prompt_length, cfg.rollout.max_response_length)
-    sequences = call.rows * call.samples
-    cache = kv_cache_bytes(model_cfg, sequences, length, mesh)
+        decode, admit = compile_sampler(model_cfg, call, mesh)
+    sampled = sampling_params(model_cfg, mesh)
+    kv_heads = sharding.logical_to_spec(("kv_heads",), (model_cfg.num_key_value_heads,), dict(mesh.shape))[0][0]
+    local_heads = model_cfg.num_key_value_heads // (mesh.shape[kv_heads] if kv_heads else 1)
+    per_token = 2 * model_cfg.num_hidden_layers * local_heads * model_cfg.kv_head_dim * jnp.dtype(model_cfg.compute_dtype).itemsize
+    cache = call.pool_pages // call.shards * call.page_size * per_token
     return Plan(cfg, tgt, dict(mesh.shape), model_cfg, source, bytes_on_device(params),
                 bytes_on_device(state.opt_state), bytes_on_device(params) if cfg.algorithm.kl_coef else 0,
-                bytes_on_device(batch), train_compiled, sampler_compiled,
-                call.phase, call.prompts, call.samples, sequences, length, cache, cache / sequences)
+                bytes_on_device(batch), train_compiled, decode, admit, call, bytes_on_device(sampled),
+                reshard_bytes(params, sampled), cache, per_token)
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -393,19 +467,24 @@ def proposals(plan: Plan) -> dict[str, object]:
         return {}
     cfg, out = plan.cfg, {}
     usable = 0.9 * hbm  # aim below HEADROOM: the figures move a little with the shapes
-    if plan.sampler.error or plan.sampler_peak > HEADROOM * hbm:
-        # The KV cache grows with the sequences; count the sampler's other temporaries as fixed (when
-        # the compiler refused, all it reported is their sum: then everything scales).
-        cache_share = plan.kv_cache if not plan.sampler.error else plan.sampler.temp
+    sampler_error = plan.sampler.error or plan.admit.error
+    if sampler_error or plan.sampler_peak > HEADROOM * hbm:
+        # The KV cache grows with the pages (or the slots); count the engine's other temporaries as
+        # fixed (when the compiler refused, all it reported is their sum: then everything scales).
+        call = plan.call
+        cache_share = plan.kv_cache + (max(plan.sampler.temp, plan.admit.temp) if sampler_error else 0)
         fixed = plan.sampler_peak - plan.state - cache_share
-        per_prompt = cache_share / plan.sampler_sequences * plan.sampler_samples
-        prompts = int((usable - plan.state - fixed) // max(per_prompt, 1))
-        # the sampler pads its prompts to a multiple of the data-parallel devices: ask for one
-        dp = plan.mesh_shape["data"] * plan.mesh_shape["fsdp"]
-        prompts = prompts // dp * dp if prompts >= dp else prompts
-        field = "rollout.generation_chunk" if plan.sampler_phase == "rollout" else "eval.prompts_per_batch"
-        if 1 <= prompts < plan.sampler_prompts:
-            out[field] = prompts
+        room = usable - plan.state - fixed
+        if call.pages:  # a smaller pool, at least one answer per data shard
+            pages = int(room // max(cache_share / call.pool_pages, 1)) // call.shards * call.shards
+            if call.pages_per_slot * call.shards <= pages < call.pages:
+                out["rollout.pages"] = pages
+        else:  # fewer prompts at once, padded to a multiple of the data-parallel devices
+            prompts = int(room // max(cache_share / call.slots * call.samples, 1))
+            prompts = prompts // call.shards * call.shards if prompts >= call.shards else prompts
+            field = "rollout.generation_chunk" if call.phase == "rollout" else "eval.prompts_per_batch"
+            if 1 <= prompts < call.prompts:
+                out[field] = prompts
     if plan.train.error or plan.train_peak > HEADROOM * hbm:
         micro = config_lib.microbatch_rows(cfg)
         dp = plan.mesh_shape["data"] * plan.mesh_shape["fsdp"]
@@ -499,6 +578,32 @@ def _program_lines(name: str, compiled: Compiled, temps_label: str, temps: int, 
             f"  {peak_label:<37}{_gib(peak)}   (compiled in {compiled.seconds:.0f} s)"]
 
 
+def engine_lines(plan: Plan) -> list[str]:
+    """What the rollout engine holds: slots, and pages or contiguous caches, with the tokens they
+    hold against every slot at full length; and how large a pool the memory left would take."""
+    c = plan.call
+    full = c.pages_per_slot * c.page_size
+    tokens = c.pool_pages * c.page_size
+    lines = [f"sampler: the rollout engine ({c.phase}, the larger phase): {c.prompts} prompts x {c.samples} = "
+             f"{c.slots} slots ({c.slots // c.shards} per data shard)"]
+    if c.pages:
+        lines.append(f"  KV cache: a pool of {c.pool_pages:,} pages of {c.page_size} tokens = {tokens:,} tokens, "
+                     f"{tokens // c.slots:,} per slot on average ({100 * tokens / (c.slots * full):.0f}% of every "
+                     f"slot at its longest, {full:,}); the latest admitted answers give way when it runs short")
+    else:
+        lines.append(f"  KV cache: each slot its own stretch, up to {full:,} tokens (set rollout.pages for a pool "
+                     f"sized by the tokens held)")
+    hbm = plan.target.hbm_bytes
+    if hbm and not (plan.sampler.error or plan.admit.error):
+        per_page = plan.kv_per_token * c.page_size
+        room = HEADROOM * hbm - (plan.sampler_peak - plan.kv_cache)
+        most = int(room // per_page) * c.shards
+        if most > 0:
+            lines.append(f"  room for a pool of up to {most:,} pages ({most * c.page_size // c.slots:,} tokens per "
+                         f"slot on average) beside the rest of the sampler's peak")
+    return lines
+
+
 def report(plan: Plan, config_name: str) -> str:
     t, m = plan.target, plan.mesh_shape
     cfg = plan.cfg
@@ -513,8 +618,7 @@ def report(plan: Plan, config_name: str) -> str:
         f"train step: {plan.cfg.rollout.prompts_per_step * plan.cfg.rollout.samples_per_prompt} answers, mini-batch "
         f"{cfg.optim.minibatch_size}, passes of {config_lib.microbatch_rows(cfg)} rows x "
         f"{config_lib.row_width(cfg)} tokens ({'packed' if cfg.optim.packing else 'one answer per row'})",
-        f"sampler: its largest call ({plan.sampler_phase}) is {plan.sampler_prompts} prompts x "
-        f"{plan.sampler_samples} = {plan.sampler_sequences} sequences x {plan.sampler_length} cache slots",
+        *engine_lines(plan),
         "",
         "per device                                   GiB",
         f"  parameters                           {_gib(plan.params)}",
@@ -524,15 +628,21 @@ def report(plan: Plan, config_name: str) -> str:
     ]
     lines += _program_lines("train step", plan.train, "activations and temps", plan.train.temp,
                             "train step peak", plan.train_peak)
-    lines.append(f"  sampler: KV cache                    {_gib(plan.kv_cache)}")
-    lines += _program_lines("sampler", plan.sampler, "other temps", max(plan.sampler.temp - plan.kv_cache, 0),
-                            "sampler peak (with optimizer state" + (", reference)" if plan.ref_params else ")"),
-                            plan.sampler_peak)
+    lines += [f"  sampler: params, sampling layout     {_gib(plan.sampling_params)}   ({cfg.model.compute_dtype}, "
+              f"split over tensor only; the reshard brings {plan.reshard / GIB:.3f} GiB to each device)",
+              f"  sampler: KV cache                    {_gib(plan.kv_cache)}   "
+              f"({plan.kv_per_token / 2**10:.0f} KiB per token of its shard's slots)"]
+    if plan.admit.error:
+        lines.append(f"  sampler admission: DID NOT COMPILE: {plan.admit.error.splitlines()[0][:300]}")
+    else:
+        lines.append(f"  sampler: admission (prefill) temps   {_gib(plan.admit.temp)}")
+    lines += _program_lines("sampler", plan.sampler, "decode segment temps", plan.sampler.temp,
+                            "sampler peak (with the train state)", plan.sampler_peak)
     if t.hbm_bytes:
         lines.append(f"  {t.memory:<37}{_gib(t.hbm_bytes)}")
     if plan.fits is None:
         verdict = f"peak {plan.peak / GIB:.2f} GiB per device (no HBM figure for {t.kind}: compare with its memory)"
-    elif plan.train.error or plan.sampler.error:
+    elif plan.train.error or plan.sampler.error or plan.admit.error:
         verdict = "DOES NOT FIT: the compiler refused (above)"
     else:
         verdict = (f"{'FITS' if plan.fits else 'DOES NOT FIT'}: peak {plan.peak / GIB:.2f} GiB of "

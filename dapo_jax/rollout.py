@@ -100,12 +100,12 @@ def score_group(record: PromptRecord, responses: Sequence[Sequence[int]], sample
 def stream_groups(model_config, params, records: Sequence[PromptRecord], tokenizer: Tokenizer, *,
                   samples_per_prompt: int, reward: RewardConfig, temperature: float, top_p: float, top_k: int,
                   seed: int, prompt_bucket: int, stop_ids: Sequence[int], mesh=None, timer: dict | None = None,
-                  slots: int = 0) -> Iterator[Group]:
+                  slots: int = 0, pages: int = 0, page_size: int = 64) -> Iterator[Group]:
     """Each record's `samples_per_prompt` answers, scored, in record order, each group as soon as
     the rollout engine has finished it and every group before it (`sampling.generate_stream`;
     seconds spent waiting for it and scoring are added to timer["generate"] and timer["reward"]).
     `slots` answers decode at once (0: every answer; the KV cache grows with them, `python -m
-    dapo_jax.plan` says what fits). An answer ends with the first of `stop_ids` it samples
+    dapo_jax.plan` says what fits; `pages` > 0 caps it at a pool of pages). An answer ends with the first of `stop_ids` it samples
     (included in the answer) or at reward.max_response_length tokens. Closing the iterator stops
     the engine: records it has not reached are never generated.
     """
@@ -113,7 +113,8 @@ def stream_groups(model_config, params, records: Sequence[PromptRecord], tokeniz
     answers = sampling.generate_stream(model_config, params, [list(r.prompt_ids) for r in records],
                                        max_new_tokens=reward.max_response_length, temperature=temperature,
                                        top_p=top_p, top_k=top_k, eos_ids=stop_ids, num_samples=g, seed=seed % 2**32,
-                                       mesh=mesh, prompt_bucket=prompt_bucket, slots=slots)
+                                       mesh=mesh, prompt_bucket=prompt_bucket, slots=slots, pages=pages,
+                                       page_size=page_size)
     try:
         while True:
             start = time.perf_counter()

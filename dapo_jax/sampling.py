@@ -361,7 +361,7 @@ def generate(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, m
     from dapo_jax import engine
 
     sampling, mesh, threads = _request(config, params, prompts, max_new_tokens, temperature, top_p, top_k, eos_ids,
-                                       num_samples, prompt_bucket, layer_loop, host_threads, mesh, slots)
+                                       num_samples, prompt_bucket, layer_loop, host_threads, mesh, slots, pages)
     params = sampling_layout(config, params, mesh)
     return engine.generate_on_engine(config, params, prompts, sampling, seed=seed, mesh=mesh, host_threads=threads,
                                      slots=slots, segment=segment, pages=pages, page_size=page_size)
@@ -380,7 +380,7 @@ def generate_stream(config: Qwen2Config, params, prompts: Sequence[Sequence[int]
     from dapo_jax import engine
 
     sampling, mesh, threads = _request(config, params, prompts, max_new_tokens, temperature, top_p, top_k, eos_ids,
-                                       num_samples, prompt_bucket, layer_loop, host_threads, mesh, slots)
+                                       num_samples, prompt_bucket, layer_loop, host_threads, mesh, slots, pages)
     return engine.stream_on_engine(config, sampling_layout(config, params, mesh), prompts, sampling, seed=seed,
                                    mesh=mesh, host_threads=threads, slots=slots, segment=segment, pages=pages,
                                    page_size=page_size)
@@ -417,13 +417,15 @@ def _cast(params, dtype):
 
 
 def _request(config, params, prompts, max_new_tokens, temperature, top_p, top_k, eos_ids, num_samples, prompt_bucket,
-             layer_loop, host_threads, mesh, slots=0):
+             layer_loop, host_threads, mesh, slots=0, pages=0):
     """(SamplingConfig, mesh, host threads) for a generate call, after checking every argument."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                               top_k=int(top_k), eos_ids=tuple(int(e) for e in eos_ids), num_samples=num_samples,
                               prompt_bucket=prompt_bucket, layer_loop=layer_loop)
     if layer_loop == "auto":
-        sampling = dataclasses.replace(sampling, layer_loop="unrolled" if jax.default_backend() == "cpu" else "scan")
+        # (the TPU paged-attention kernel reads one layer's pool: a page pool is kept per layer)
+        per_layer = jax.default_backend() == "cpu" or pages > 0
+        sampling = dataclasses.replace(sampling, layer_loop="unrolled" if per_layer else "scan")
     mesh = mesh or sharding.mesh_of(params)
     if host_threads is not None and host_threads < 1:
         raise ValueError(f"host_threads={host_threads}: use 1 or more (or None to choose by the model's size)")

@@ -257,7 +257,8 @@ class Run:
         params = sampling.sampling_layout(self.model_config, self.state.params, self.mesh)
         kwargs = dict(samples_per_prompt=r.samples_per_prompt, reward=self.reward, temperature=r.temperature,
                       top_p=r.top_p, top_k=r.top_k, prompt_bucket=r.prompt_bucket, mesh=self.mesh,
-                      stop_ids=self.stop_ids, timer=timer, slots=config_lib.rollout_slots(self.cfg))
+                      stop_ids=self.stop_ids, timer=timer, slots=config_lib.rollout_slots(self.cfg), pages=r.pages,
+                      page_size=r.page_size)
         if r.stream:
             most = r.gen_prompts_per_batch * (r.max_gen_batches if r.dynamic_sampling else 1)
             yield from rollout.stream_groups(self.model_config, params, self.stream.peek(most), self.tokenizer,
@@ -344,7 +345,8 @@ class Run:
             self.model_config, self.state.params, self.eval_records, self.tokenizer, samples_per_prompt=e.samples_per_prompt,
             temperature=e.temperature, top_p=e.top_p, max_response_length=self.cfg.rollout.max_response_length,
             prompts_per_batch=e.prompts_per_batch, seed=seed_for(self.cfg.seed, 1 << 30), mesh=self.mesh,
-            prompt_bucket=self.cfg.rollout.prompt_bucket, stop_ids=self.stop_ids)
+            prompt_bucket=self.cfg.rollout.prompt_bucket, stop_ids=self.stop_ids, pages=self.cfg.rollout.pages,
+            page_size=self.cfg.rollout.page_size)
         metrics["time/eval"] = time.perf_counter() - start
         if jax.process_index() == 0:
             out = self.workdir / "eval" / f"step_{step}.jsonl"

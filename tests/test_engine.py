@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 from conftest import loop_instructions, result_bytes
 
 from dapo_jax import engine, paged, sampling, sharding
@@ -194,3 +195,87 @@ def test_decoding_on_an_fsdp_mesh_reads_the_weights_in_place(monkeypatch):
     monkeypatch.setattr(sampling, "sampling_layout", lambda config, params, mesh: params)
     gathers = decode_gathers(config, trained, mesh, monkeypatch)
     assert sum(map(result_bytes, gathers)) >= 0.5 * param_bytes
+
+
+def random_step(B=3, K=2, G=4, D=128, ps=16, pages=12, seed=0):
+    """(q, new k, new v, positions, a bfloat16 pool with a table) for one paged decode step."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(B, K, G, D)), jnp.float32)
+    k_new, v_new = (jnp.asarray(rng.normal(size=(B, K, D)), jnp.float32) for _ in range(2))
+    pool = [jnp.asarray(rng.normal(size=(K, pages, ps, D)), jnp.bfloat16) for _ in range(2)]
+    table = jnp.asarray([[3, 1, 7, 0], [2, 5, pages, pages], [11, 4, 6, 8]], jnp.int32)[:B]
+    positions = jnp.asarray([40, 17, 63], jnp.int32)[:B]
+    return q, k_new, v_new, positions, paged.PagedKVCache(*pool, table)
+
+
+def test_the_tpu_paged_attention_kernel_matches_the_gather_reference():
+    # run through the Pallas TPU interpreter: each slot's query over its scattered pages, after writing
+    q, k_new, v_new, positions, cache = random_step()
+    want, want_cache = cache.replace(kernel="gather").step(q, k_new, v_new, positions)
+    with pltpu.force_tpu_interpret_mode():
+        got, got_cache = cache.replace(kernel="pallas").step(q, k_new, v_new, positions)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-2, rtol=2e-2)  # bfloat16 keys
+    assert np.abs(np.asarray(got) - np.asarray(want)).mean() < 2e-3
+    np.testing.assert_array_equal(np.asarray(got_cache.k, np.float32), np.asarray(want_cache.k, np.float32))
+
+
+def test_a_paged_step_on_the_mesh_reads_and_writes_each_shard_s_own_pages():
+    # 4 slots over data x fsdp = 4 shards, 16 pages: shard d holds pages [4d, 4d + 4) and its slot's table
+    # names only those; the step under the mesh equals the step on one device.
+    q, k_new, v_new, _, cache = random_step(B=4, pages=16, seed=1)
+    positions = jnp.asarray([40, 17, 63, 30], jnp.int32)
+    table = jnp.asarray([[1, 0, 3, 2], [5, 16, 16, 16], [11, 8, 9, 10], [14, 12, 16, 16]], jnp.int32)
+    cache = cache.replace(table=table, kernel="gather")
+    want, want_cache = cache.step(q, k_new, v_new, positions)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    with jax.set_mesh(mesh):
+        got, got_cache = jax.jit(lambda c: c.step(q, k_new, v_new, positions))(cache)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got_cache.k, np.float32), np.asarray(want_cache.k, np.float32))
+    laid_out = jax.sharding.NamedSharding(mesh, paged.pool_spec(cache.k.shape, dict(mesh.shape)))
+    assert got_cache.k.sharding.is_equivalent_to(laid_out, cache.k.ndim)
+
+
+def test_a_page_pool_on_the_mesh_gives_the_single_device_answers(model):
+    config, params = model
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = jax.device_put(params, qwen2.param_shardings(config, mesh))
+    kwargs = dict(max_new_tokens=30, temperature=1.0, num_samples=2, seed=2, eos_ids=tuple(range(10, 40)),
+                  page_size=8, segment=6)
+    want = sampling.generate(config, params, PROMPTS, host_threads=1, **kwargs)
+    # 8 slots (2 per shard) and 4 shares of 9 pages: one answer at full length each, so shards preempt
+    got = sampling.generate(config, sharded, PROMPTS, slots=8, pages=36, **kwargs)
+    assert got.tokens == want.tokens and got.truncated == want.truncated
+
+
+def compile_paged_decode_for_a_tpu_slice(kernel: str):
+    """The engine's decode segment over per-layer page pools for a v5p-8 (4 chips), ahead of time:
+    16 slots with 256 pages (16,384 tokens) each in reach, a pool of 4,096 pages, both split 4 ways."""
+    from dapo_jax import plan
+
+    config = qwen2.preset("1.5B", num_hidden_layers=2, vocab_size=1024, dtype="bfloat16")  # head_dim 128
+    mesh = sharding.make_mesh(devices=plan.target("v5p-8").devices)
+    S, pages, ps, width = 16, 4096, 64, 256
+    spec = sampling.SamplingConfig(max_new_tokens=512, num_samples=1, layer_loop="unrolled")
+    with jax.set_mesh(mesh):
+        params = plan.sampling_params(config, mesh)
+        pool = jax.eval_shape(lambda: paged.PagedKVCache.zeros(config, pages, ps, per_layer=True, kernel=kernel))
+        laid_out = jax.sharding.NamedSharding(mesh, paged.pool_spec(pool[0].k.shape, dict(mesh.shape)))
+        pool = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=laid_out), pool)
+        slots = jax.eval_shape(lambda: engine.Slots.empty(S, spec.max_new_tokens))
+        lowered = engine._decode.lower(config, spec, 16, params, pool, slots,
+                                       jax.ShapeDtypeStruct((S, width), jnp.int32), jax.ShapeDtypeStruct((S,), bool))
+        compiled = lowered.compile()
+        return lowered.as_text(), compiled.as_text(), compiled.memory_analysis()
+
+
+def test_the_paged_decode_segment_compiles_for_a_tpu_slice_with_the_kernel():
+    lowered, hlo, _ = compile_paged_decode_for_a_tpu_slice("auto")  # on TPU: the Pallas kernel, in shard_map
+    assert "paged_flash_attention_kernel" in lowered
+    # The pool stays where it lies: no step copies a layer's share of it (1,024 pages here, 32 MiB).
+    # (Written by a scatter, the pool took a layout of XLA's choosing in the loop, and each step
+    # copied it back to the kernel's, twice per layer.)
+    share = 1024 * 64 * 2 * 128 * 2
+    copies = [line for line in loop_instructions(hlo, "_decode")
+              if re.search(r" copy(-start)?\(", line) and result_bytes(line) >= share]
+    assert copies == [], copies[:2]

@@ -51,13 +51,27 @@ def test_the_plan_counts_the_bytes_the_real_sharded_state_holds():
     assert p.params == on_device_0(state.params)
     assert p.opt_state == on_device_0(state.opt_state)
     assert p.params < sum(x.nbytes for x in jax.tree_util.tree_leaves(state.params)) / 4  # really split
-    assert p.train.peak > p.state and p.sampler.temp >= p.kv_cache > 0  # the compiled programs hold them
-    # the KV cache: layers x sequences x kv heads x slots x head dim, keys and values, split over 8 devices
+    assert p.train.peak > p.state and p.sampler.argument >= p.kv_cache > 0  # the compiled programs hold them
+    # the KV cache: layers x slots x kv heads x tokens x head dim, keys and values, split over 8 devices
     c = model_config
-    sequences = 32 * 8  # a generation batch (32 prompts x 8 answers) is the largest sampler call
-    assert (p.sampler_phase, p.sampler_sequences) == ("rollout", sequences)
-    assert p.kv_cache == 2 * c.num_hidden_layers * sequences * c.num_key_value_heads * p.sampler_length * \
-        c.kv_head_dim * 4 // 8
+    slots = 32 * 8  # a generation batch (32 prompts x 8 answers) is the larger engine
+    assert (p.sampler_phase, p.call.slots, p.call.pages) == ("rollout", slots, 0)
+    assert p.kv_cache == 2 * c.num_hidden_layers * slots * c.num_key_value_heads * p.call.pages_per_slot * \
+        p.call.page_size * c.kv_head_dim * 4 // 8
+    # on fsdp=8 (tensor=1) the sampling layout holds every weight whole; each device receives what it lacked
+    assert p.sampling_params == sum(x.nbytes for x in jax.tree_util.tree_leaves(state.params))
+    assert p.reshard == p.sampling_params - p.params
+
+
+def test_a_page_pool_holds_the_tokens_it_is_given_not_slots_x_the_longest_answer():
+    contiguous = plan.make_plan(small_config(), "v5p-8")
+    pool = plan.make_plan(small_config(rollout__pages=256), "v5p-8")
+    assert contiguous.call.pool_pages == 256 * 2  # 256 slots of 2 pages (a prompt + answer of up to 128 tokens)
+    assert pool.call.pool_pages == 256 and pool.kv_cache == contiguous.kv_cache // 2
+    assert not pool.sampler.error and not pool.admit.error
+    text = plan.report(pool, "pool")
+    assert "a pool of 256 pages of 64 tokens = 16,384 tokens, 64 per slot on average (50% of every slot" in text
+    assert "room for a pool of up to" in text and "each slot its own stretch" in plan.report(contiguous, "c")
 
 
 def test_a_kl_penalty_counts_the_reference_policy_and_its_log_probs():
@@ -97,10 +111,12 @@ def test_a_cpu_plan_is_judged_against_this_hosts_memory(monkeypatch):
     assert (t.hbm_bytes, t.memory) == (2 * plan.GIB, "host memory")
     cfg = small_config()
     compiled = plan.Compiled(1.0, argument=plan.GIB, output=0, temp=2 * plan.GIB, alias=0)
+    mesh = sharding.make_mesh(**cfg.mesh)
+    call = plan.largest_sampler_call(cfg, mesh, on_cpu=True)
     p = plan.Plan(cfg, t, {"data": 1, "fsdp": 8, "tensor": 1}, loading.random_config("tiny"), "random:tiny",
-                  params=plan.GIB // 4, opt_state=plan.GIB // 2, ref_params=0, batch=0, train=compiled, sampler=compiled,
-                  sampler_phase="rollout", sampler_prompts=32, sampler_samples=8, sampler_sequences=256,
-                  sampler_length=96, kv_cache=plan.GIB, kv_cache_per_sequence=plan.GIB / 256)
+                  params=plan.GIB // 4, opt_state=plan.GIB // 4, ref_params=0, batch=0, train=compiled, sampler=compiled,
+                  admit=compiled, call=call, sampling_params=plan.GIB // 2, reshard=plan.GIB // 4, kv_cache=plan.GIB,
+                  kv_per_token=1024)
     text = plan.report(p, "big")
     assert p.fits is False and "  host memory                              2.000" in text
     assert "DOES NOT FIT: peak 3.50 GiB of 2.00 GiB per device (175%; a plan fits under 95%)" in text

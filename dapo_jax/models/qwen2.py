@@ -430,9 +430,8 @@ class Attention(nn.Module):
         if isinstance(cache, paged.PagedKVCache):
             # A decode step over a paged cache: slot b's token sits at position cache_index[b] and
             # sees its keys up to there, in the pages its table row lists.
-            cache = cache.write(k_BxTxKxD[:, 0], v_BxKxTxD[:, :, 0], cache_index, layer)
-            k_BxKxSxD, v_BxKxSxD = cache.read(layer)
-            out_BxTxKxGxD = paged.attend(q_BxTxKxGxD[:, 0], k_BxKxSxD, v_BxKxSxD, cache_index + 1)[:, None]
+            out_BxKxGxD, cache = cache.step(q_BxTxKxGxD[:, 0], k_BxTxKxD[:, 0], v_BxKxTxD[:, :, 0], cache_index, layer)
+            out_BxTxKxGxD = out_BxKxGxD[:, None]
         else:
             if cache is not None:
                 stacked = layer is not None  # [layers, B, ...] (scanned layers) or one layer's [B, ...]
