@@ -62,7 +62,7 @@ class EngineConfig:
     page_size: int = 64  # tokens per page
     pages: int = 0  # pages in the pool; 0 = enough for every slot at the longest length (never preempts)
     segment: int = 16  # decode steps per device call between admissions
-    prefill: int = 8  # prompts prefilled per admission at most (bounds its activations; the rest wait a segment)
+    prefill: int = 8  # prompts per prefill call at most (bounds its activations; an admission makes several)
 
     def __post_init__(self):
         for name in ("slots", "page_size", "segment", "prefill"):
@@ -207,6 +207,12 @@ def _compact(cache, slots: Slots, rows_K):
     return cache, jax.tree_util.tree_map(lambda x: x[rows_K], slots)
 
 
+@jax.jit
+def _rows(slots: Slots, rows_K):
+    """(tokens, log-probs, stopped) of the slots rows_K."""
+    return slots.tokens_SxM[rows_K], slots.logprobs_SxM[rows_K], slots.stopped_S[rows_K]
+
+
 def _contiguous(config: Qwen2Config, slots: int, length: int, per_layer: bool):
     cache = KVCache.zeros(config, slots, length)
     return [KVCache(k=cache.k[i], v=cache.v[i]) for i in range(config.num_hidden_layers)] if per_layer else cache
@@ -345,8 +351,9 @@ class Engine:
             admit, prefilled = [], set()
             while queue and free_slots:
                 item = queue[0]
-                if item // G not in prefilled and len(prefilled) == e.prefill:
-                    break
+                if item // G not in prefilled and len(prefilled) == e.prefill:  # a full prefill: run it
+                    cache, slots = self._admit(cache, slots, prompts, admit, owner, pages.table, width, rng, numbers)
+                    admit, prefilled = [], set()
                 plen = len(prompts[item // G])
                 need = pages_for(min(plen + e.segment, plen + M - 1))
                 slot = max(sorted(free_slots), key=pages.available)
@@ -410,10 +417,10 @@ class Engine:
             self.decode_steps += int((new_lengths[busy] - lengths[busy]).max(initial=0))
             lengths[busy] = new_lengths[busy]
             finished = [s for s in owner if done[s]]
-            if finished:
-                index = np.asarray(finished, np.int32)
-                tokens, logprobs, stopped = (sharding.to_host(x[index]) for x in
-                                             (slots.tokens_SxM, slots.logprobs_SxM, slots.stopped_S))
+            if finished:  # their rows, read back padded to a power of two (one program per size)
+                index = np.zeros(_bucket(len(finished), S), np.int32)
+                index[:len(finished)] = finished
+                tokens, logprobs, stopped = (sharding.to_host(x) for x in _rows(slots, index))
                 for k, s in enumerate(finished):
                     n = int(lengths[s])
                     i = owner[s] // G
@@ -436,7 +443,10 @@ class Engine:
     def _admit(self, cache, slots, prompts, admit, owner, table, width, rng, numbers):
         G, S = self.sampling.num_samples, len(table)  # (fewer than engine.slots after the tail's compaction)
         sources = sorted({owner[s] // G for s in admit})
-        a, q = _bucket(len(admit), S), _bucket(len(sources), S)  # slots admitted, prompts prefilled
+        # prompts prefilled (a power of two) and slots admitted (G per prompt, at most S): one shape
+        # per prompt count to compile
+        q = _bucket(len(sources), S)
+        a = min(S, q * G)
         prompt_QxP = np.zeros((q, width), np.int32)
         prompt_len_Q = np.ones(q, np.int32)
         for k, i in enumerate(sources):

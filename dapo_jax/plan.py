@@ -245,7 +245,7 @@ class Plan:
     batch: int
     train: Compiled
     sampler: Compiled  # a decode segment of the rollout engine
-    admit: Compiled  # the engine's admission (prefill) of every slot at once
+    admit: Compiled  # the engine's largest prefill call (engine.EngineConfig.prefill prompts)
     call: SamplerCall  # the larger phase's engine
     sampling_params: int  # the parameters in the sampling layout (held while generating)
     reshard: int  # bytes each device receives to build that layout
@@ -336,7 +336,7 @@ def largest_sampler_call(cfg: ml_collections.ConfigDict, mesh, *, on_cpu: bool) 
 
 
 def compile_sampler(model_cfg: qwen2.Qwen2Config, call: SamplerCall, mesh) -> tuple[Compiled, Compiled]:
-    """(a decode segment, the admission of every slot at once) of the rollout engine, compiled for
+    """(a decode segment, the largest prefill call of an admission) of the rollout engine, compiled for
     `mesh` with the parameters in the sampling layout (`sampling.sampling_layout`)."""
     from dapo_jax import engine, paged
 
@@ -367,7 +367,8 @@ def compile_sampler(model_cfg: qwen2.Qwen2Config, call: SamplerCall, mesh) -> tu
                           bytes_on_device((params, cache, slots)))
         # the largest admission: as many prompts as one prefills (engine.EngineConfig.prefill), their slots
         prompts = min(-(-S // call.samples), engine.EngineConfig.prefill)
-        q, a = (min(S, 1 << (n - 1).bit_length()) for n in (prompts, prompts * call.samples))
+        q = min(S, 1 << (prompts - 1).bit_length())
+        a = min(S, q * call.samples)
         key = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype, sharding=replicated)
         admit = _compile(lambda: engine._admit.lower(model_cfg, call.spec, params, cache, slots,
                                                      int_rows(q, call.prompt_length), int_rows(q), int_rows(a),

@@ -427,6 +427,8 @@ def _request(config, params, prompts, max_new_tokens, temperature, top_p, top_k,
         per_layer = jax.default_backend() == "cpu" or pages > 0
         sampling = dataclasses.replace(sampling, layer_loop="unrolled" if per_layer else "scan")
     mesh = mesh or sharding.mesh_of(params)
+    if mesh is not None and mesh.size == 1:  # one device: nothing to split, and host threads may share it
+        mesh = None
     if host_threads is not None and host_threads < 1:
         raise ValueError(f"host_threads={host_threads}: use 1 or more (or None to choose by the model's size)")
     if host_threads is not None and host_threads > 1 and mesh is not None:
