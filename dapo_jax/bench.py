@@ -33,8 +33,8 @@ times the batch sampler (`dapo_jax.sampling.generate_batched`: every row of a ca
 longest is done) and the engine (`dapo_jax.generate` on `dapo_jax.engine`: continuous batching) in the same run,
 each on full-length answers (no stop ids: every answer runs to the cap) and on long-tailed ones
 (ids 0..K-1 stop an answer: a random model's lengths are then about geometric), and reports useful
-(generated) tokens per second of each, and the share of the full-length rate each keeps on the
-long tail.
+(generated) tokens per second of each (the median of --repeats runs, after warm-up runs until one
+compiles nothing), and the share of the full-length rate each keeps on the long tail.
 
     python -m dapo_jax.bench attention --implementations dense,blockwise[,cudnn|,splash] \
         --rows 4 --length 8192 [--dtype bfloat16]
@@ -201,6 +201,18 @@ def bench_train(args) -> dict:
     return out
 
 
+def _compile_seconds():
+    """A function returning the seconds XLA has spent compiling since this call."""
+    total = [0.0]
+
+    def listen(event: str, seconds: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            total[0] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    return lambda: total[0]
+
+
 def bench_engine(args) -> dict:
     config, params = load_model(args.checkpoint, dtype=args.dtype, seed=args.seed)
     rng = np.random.RandomState(args.seed)
@@ -219,20 +231,33 @@ def bench_engine(args) -> dict:
            "host_threads": {"batch": args.host_threads or sampling.auto_host_threads(config, args.prompts, args.samples),
                             "engine": args.host_threads or sampling.auto_host_threads(config, args.prompts,
                                                                                      args.samples, args.slots)}}
-    for name, run in runs.items():
+    compiling = _compile_seconds()
+    for name in args.samplers.split(","):
+        run = runs[name]
         for tail, stop in (("full", ()), ("long_tail", tuple(range(args.stop_ids)))):
-            run(stop)  # compiles every shape this call needs
-            times, tokens = [], 0
+            # Warm up until a run compiles nothing: the engine's shapes (rows after compaction, cache
+            # spans) follow the answers' lengths and, with host threads, which thread took which prompt.
+            for _ in range(args.max_warmups):
+                before = compiling()
+                run(stop)
+                if compiling() == before:
+                    break
+            times, tokens, compile_s = [], 0, 0.0
             for _ in range(args.repeats):
-                t = time.perf_counter()
+                t, before = time.perf_counter(), compiling()
                 result = run(stop)
                 times.append(time.perf_counter() - t)
+                compile_s += compiling() - before
                 tokens = sum(result.lengths)
             out[f"{name}/{tail}"] = {"tokens_per_s": round(tokens / float(np.median(times)), 1),
                                      "mean_length": round(tokens / len(result.lengths), 1),
-                                     "seconds": round(float(np.median(times)), 2), "decode_steps": result.decode_steps}
+                                     "seconds": round(float(np.median(times)), 2), "decode_steps": result.decode_steps,
+                                     "runs_tokens_per_s": [round(tokens / t) for t in times],
+                                     "compile_s_in_runs": round(compile_s, 2)}
         out[f"{name}/long_tail_vs_full"] = round(out[f"{name}/long_tail"]["tokens_per_s"] /
                                                  out[f"{name}/full"]["tokens_per_s"], 3)
+    if len(args.samplers.split(",")) < 2:
+        return out
     out["engine_vs_batch/full"] = round(out["engine/full"]["tokens_per_s"] / out["batch/full"]["tokens_per_s"], 3)
     out["engine_vs_batch/long_tail"] = round(out["engine/long_tail"]["tokens_per_s"] /
                                              out["batch/long_tail"]["tokens_per_s"], 3)
@@ -339,7 +364,9 @@ def main(argv=None):
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     e.add_argument("--host-threads", type=int, default=None)
-    e.add_argument("--repeats", type=int, default=1)
+    e.add_argument("--repeats", type=int, default=3, help="timed runs of each (the median is reported)")
+    e.add_argument("--max-warmups", type=int, default=3, help="untimed runs at most, until one compiles nothing")
+    e.add_argument("--samplers", default="batch,engine", help="comma-separated: batch, engine")
     e.add_argument("--seed", type=int, default=0)
     a = sub.add_parser("attention", help="attention implementations against dense: differences and fwd+bwd time")
     a.add_argument("--implementations", default="dense,blockwise",

@@ -38,7 +38,6 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import math
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -299,12 +298,14 @@ class Engine:
         """Every prompt's num_samples answers, prompt-major."""
         return [r for _, group in self.stream(prompts, rng) for r in group]
 
-    def stream(self, prompts: Sequence[Sequence[int]], rng, numbers: Sequence[int] | None = None,
-               stop: Callable[[], bool] | None = None) -> Iterator[tuple[int, list[Result]]]:
-        """(i, prompt i's num_samples answers) for each prompt in order, each as soon as it and every
-        prompt before it are done. Prompt i is number numbers[i] of its request (default i): its
-        samples draw the random streams of rows numbers[i] * G + j. Nothing more is decoded once the
-        caller stops iterating or `stop()` returns True (checked between segments).
+    def stream(self, prompts: Sequence[Sequence[int]], rng, stop: Callable[[], bool] | None = None,
+               take: Callable[[], int | None] | None = None) -> Iterator[tuple[int, list[Result]]]:
+        """(i, prompt i's num_samples answers) for each prompt in the order this engine took them,
+        each as soon as it and every prompt taken before it are done. Sample j of prompt i draws the
+        random stream of row i * G + j. The engine takes the next prompt with `take()` (an index
+        into `prompts`, None once there are none left; default: each in order) whenever its free
+        slots outnumber its waiting work, so several engines can share one feed. Nothing more is
+        decoded once the caller stops iterating or `stop()` returns True (checked between segments).
         """
         cfg, e, G, M = self.config, self.engine, self.sampling.num_samples, self.sampling.max_new_tokens
         ps, S, shards = e.page_size, e.slots, self.shards
@@ -328,13 +329,14 @@ class Engine:
         slots = Slots.empty(S, M)
         pages = _Pages(pool, shards, S, pages_per_slot)
         free_slots = set(range(S))
-        queue = collections.deque(range(len(prompts) * G))
+        queue = collections.deque()  # waiting work items i * G + j
+        taken: list[int] = []  # prompts in the order this engine took them
+        take = take or functools.partial(next, iter(range(len(prompts))), None)
         owner: dict[int, int] = {}  # slot -> work item
         admitted: dict[int, int] = {}  # slot -> admission order (the latest give way first)
         lengths = np.zeros(S, np.int64)
         results: dict[int, Result] = {}
-        numbers = range(len(prompts)) if numbers is None else numbers
-        order, next_prompt = 0, 0
+        order, next_out, fed = 0, 0, True
 
         def pages_for(tokens) -> int:
             return int(-(-tokens // ps))
@@ -345,14 +347,23 @@ class Engine:
             admitted.pop(slot)
             free_slots.add(slot)
 
-        while (queue or owner) and not (stop is not None and stop()):
+        while True:
+            while fed and len(queue) < len(free_slots):  # work for every free slot, if there is any
+                i = take()
+                if i is None:
+                    fed = False
+                else:
+                    taken.append(i)
+                    queue.extend(range(i * G, (i + 1) * G))
+            if not (queue or owner) or (stop is not None and stop()):
+                return
             # admit: the next work into free slots (the one whose shard has the most free pages), as
             # long as that shard has the pages of its prompt and first segment
             admit, prefilled = [], set()
             while queue and free_slots:
                 item = queue[0]
                 if item // G not in prefilled and len(prefilled) == e.prefill:  # a full prefill: run it
-                    cache, slots = self._admit(cache, slots, prompts, admit, owner, pages.table, width, rng, numbers)
+                    cache, slots = self._admit(cache, slots, prompts, admit, owner, pages.table, width, rng)
                     admit, prefilled = [], set()
                 plen = len(prompts[item // G])
                 need = pages_for(min(plen + e.segment, plen + M - 1))
@@ -367,12 +378,12 @@ class Engine:
                 order += 1
                 admit.append(slot)
             if admit:
-                cache, slots = self._admit(cache, slots, prompts, admit, owner, pages.table, width, rng, numbers)
-            # the tail: no work waits and the busy slots fit in half the rows. They move to the front
+                cache, slots = self._admit(cache, slots, prompts, admit, owner, pages.table, width, rng)
+            # the tail: no work is left and the busy slots fit in half the rows. They move to the front
             # of their shard's rows and decoding goes on with fewer rows (one copy per halving).
             per_shard = [sorted(s for s in owner if pages.shard(s) == d) for d in range(shards)]
-            fewer = shards * (1 << (max(1, *map(len, per_shard)) - 1).bit_length())
-            if not queue and fewer <= S // 2:
+            fewer = shards * _bucket(max(1, *map(len, per_shard)), S)
+            if not queue and not fed and fewer <= S // 2:
                 rows = []
                 for d, busy_d in enumerate(per_shard):
                     idle_d = [s for s in range(d * S // shards, (d + 1) * S // shards) if s not in owner]
@@ -428,9 +439,10 @@ class Engine:
                     release(s)
                     if all(i * G + j in results for j in range(G)):
                         self.finished.append(i)
-            while next_prompt < len(prompts) and all(next_prompt * G + j in results for j in range(G)):
-                yield next_prompt, [results.pop(next_prompt * G + j) for j in range(G)]
-                next_prompt += 1
+            while next_out < len(taken) and all(taken[next_out] * G + j in results for j in range(G)):
+                i = taken[next_out]
+                yield i, [results.pop(i * G + j) for j in range(G)]
+                next_out += 1
 
     @staticmethod
     def _span(tokens: int, width: int, most: int) -> int:
@@ -440,7 +452,7 @@ class Engine:
         quarter = max(1, (1 << max(0, (tokens - 1).bit_length())) // 8)
         return max(width, min(most, -(-tokens // quarter) * quarter))
 
-    def _admit(self, cache, slots, prompts, admit, owner, table, width, rng, numbers):
+    def _admit(self, cache, slots, prompts, admit, owner, table, width, rng):
         G, S = self.sampling.num_samples, len(table)  # (fewer than engine.slots after the tail's compaction)
         sources = sorted({owner[s] // G for s in admit})
         # prompts prefilled (a power of two) and slots admitted (G per prompt, at most S): one shape
@@ -464,61 +476,83 @@ class Engine:
         else:
             pages_AxN = np.zeros((a, 0), np.int32)
         for k, s in enumerate(admit):
-            slot_A[k], source_A[k], row_A[k] = s, where[owner[s] // G], numbers[owner[s] // G] * G + owner[s] % G
+            slot_A[k], source_A[k], row_A[k] = s, where[owner[s] // G], owner[s]
             pages_AxN[k] = table[s, :pages_AxN.shape[1]]
         return _admit(self.config, self.sampling, self.params, cache, slots, prompt_QxP, prompt_len_Q, slot_A,
                       source_A, row_A, pages_AxN, rng)
 
 
+class Stream:
+    """(i, prompt i's answers) for every prompt, in prompt order: an iterator over one or several
+    engines' streams. `decode_steps` is the most decode steps any engine has run so far; `close()`
+    stops every engine."""
+
+    def __init__(self, engines: list[Engine], items: Iterator[tuple[int, list[Result]]]):
+        self.engines, self._items = engines, items
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, list[Result]]:
+        return next(self._items)
+
+    def close(self) -> None:
+        self._items.close()
+
+    @property
+    def decode_steps(self) -> int:
+        return max((e.decode_steps for e in self.engines), default=0)
+
+
 def stream_on_engine(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
                      seed: int = 0, mesh=None, host_threads: int = 1, slots: int = 0, segment: int = 16,
-                     pages: int = 0, page_size: int = 64, stats: dict | None = None
-                     ) -> Iterator[tuple[int, list[Result]]]:
+                     pages: int = 0, page_size: int = 64) -> Stream:
     """(i, prompt i's answers) in prompt order, each as soon as it and every earlier prompt are done
     (`dapo_jax.sampling.generate_stream` once its arguments are checked): `slots` rows (0 = every
     answer at once), split over `host_threads` engines side by side on one device, each with its
     share of the slots and pages and every host_threads-th prompt; on a mesh, one engine whose rows
-    are split over the data-parallel axes. Stopping the iteration stops every engine.
-    stats["decode_steps"] is set to the most decode steps of any engine when the stream ends."""
+    are split over the data-parallel axes. Closing the stream stops every engine."""
     threads = max(1, min(host_threads, len(prompts)))
-    total = slots or len(prompts) * sampling.num_samples
+    G = sampling.num_samples
+    total = slots or -(-len(prompts) // threads) * threads * G
     data_parallel = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    size = EngineConfig(slots=-(-max(1, -(-total // threads)) // data_parallel) * data_parallel,
+                        page_size=page_size, pages=pages // threads // data_parallel * data_parallel,
+                        segment=segment)
+    engines = [Engine(config, params, sampling, size, prompt_bucket=sampling.prompt_bucket,
+                      layer_loop=sampling.layer_loop, shards=data_parallel) for _ in range(threads)]
     rng = jax.random.key(seed)
-    engines: list[Engine] = []
-    stats = {} if stats is None else stats
-
-    def engine_for(share_of: float) -> Engine:  # with that share of the slots and pages
-        size = EngineConfig(slots=-(-max(1, math.ceil(total * share_of)) // data_parallel) * data_parallel,
-                            page_size=page_size, pages=int(pages * share_of) // data_parallel * data_parallel,
-                            segment=segment)
-        engines.append(Engine(config, params, sampling, size, prompt_bucket=sampling.prompt_bucket,
-                              layer_loop=sampling.layer_loop, shards=data_parallel))
-        return engines[-1]
-
     if threads == 1:
-        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            yield from engine_for(1.0).stream(prompts, rng)
-        stats["decode_steps"] = engines[0].decode_steps
-        return
-    # Thread t takes prompts t, t + threads, ...: the stream's next prompt is never far behind in any.
+        def alone():
+            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+                yield from engines[0].stream(prompts, rng)
+        return Stream(engines, alone())
+    return Stream(engines, _side_by_side(engines, prompts, rng))
+
+
+def _side_by_side(engines: list[Engine], prompts: Sequence[Sequence[int]], rng) -> Iterator[tuple[int, list[Result]]]:
+    """The engines' streams, each from its own thread, merged in prompt order. Engine t takes
+    prompts t, t + n, ... (n engines): a fixed share, so that a request always runs the same
+    shapes (a feed shared on demand balanced the threads' work, but which thread took a prompt
+    then followed the threads' timing, and so did the shapes each compiled: measured, seconds of
+    compiling in every run)."""
     stop = threading.Event()
-    outboxes = [queue.SimpleQueue() for _ in range(threads)]
+    outboxes = [queue.SimpleQueue() for _ in engines]
 
     def run(t: int) -> None:
-        numbers = list(range(t, len(prompts), threads))
+        take = functools.partial(next, iter(range(t, len(prompts), len(engines))), None)
         try:
-            for k, group in engine_for(len(numbers) / len(prompts)).stream([prompts[i] for i in numbers], rng, numbers,
-                                                                           stop=stop.is_set):
-                outboxes[t].put((numbers[k], group))
+            for item in engines[t].stream(prompts, rng, stop=stop.is_set, take=take):
+                outboxes[t].put(item)
         except BaseException as error:  # raised again by the reader
             outboxes[t].put(error)
 
-    workers = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(threads)]
+    workers = [threading.Thread(target=run, args=(t,), daemon=True) for t in range(len(engines))]
     for worker in workers:
         worker.start()
     try:
         for i in range(len(prompts)):
-            item = outboxes[i % threads].get()
+            item = outboxes[i % len(engines)].get()
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -526,7 +560,6 @@ def stream_on_engine(config: Qwen2Config, params, prompts: Sequence[Sequence[int
         stop.set()
         for worker in workers:
             worker.join()
-        stats["decode_steps"] = max((e.decode_steps for e in engines), default=0)
 
 
 def generate_on_engine(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -535,9 +568,8 @@ def generate_on_engine(config: Qwen2Config, params, prompts: Sequence[Sequence[i
     `stream_on_engine`, prompt-major."""
     from dapo_jax.sampling import GenerateOutput
 
-    stats = {}
-    results = [r for _, group in stream_on_engine(config, params, prompts, sampling, stats=stats, **kwargs)
-               for r in group]
+    stream = stream_on_engine(config, params, prompts, sampling, **kwargs)
+    results = [r for _, group in stream for r in group]
     return GenerateOutput(tokens=[r.tokens for r in results], logprobs=[r.logprobs for r in results],
                           lengths=[len(r.tokens) for r in results], truncated=[r.truncated for r in results],
-                          decode_steps=stats["decode_steps"])
+                          decode_steps=stream.decode_steps)
