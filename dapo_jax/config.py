@@ -27,6 +27,12 @@ class ConfigError(ValueError):
     """The config cannot run; the message lists each problem and what to change."""
 
 
+def local_directory(path, flag: str, why: str) -> None:
+    """Refuses a URI (gs://...) for `flag`, a directory read or written as local files."""
+    if "://" in str(path):
+        raise ConfigError(f"{flag} {path} must be a local directory: {why}")
+
+
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -125,6 +131,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, slices=1))
     c.log_every = 1
     c.tensorboard = True
+    # rollout steps to trace with the JAX profiler, "5-7" or "5" (the step numbers of metrics.jsonl);
+    # "" = none. Traces go to <workdir>/tensorboard/plugins/profile (TensorBoard's profile plugin).
+    c.profile = ""
     return c
 
 
@@ -170,10 +179,20 @@ def ablation(cfg: ml_collections.ConfigDict, rung: str) -> ml_collections.Config
     return c
 
 
+# Fields added with a default that changes what a run does, and the value that does what runs saved
+# before the field existed did: such a run resumes or is evaluated with that value, and resuming it
+# with another one is a change the resume refuses.
+BEFORE_ADDED = {"rollout.stream": False}  # whole generation batches; the stream came with the engine
+
+
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
     """A run's saved config.json as a config: the defaults, overlaid with every value it saved (a field
-    added since keeps its default, one removed since is ignored)."""
+    added since keeps its default, or its BEFORE_ADDED value; one removed since is ignored)."""
     cfg = default_config()
+    for name, value in BEFORE_ADDED.items():
+        section, key = name.rsplit(".", 1)
+        if key not in saved.get(section, {}):
+            cfg[section][key] = value
 
     def overlay(node: ml_collections.ConfigDict, values: dict):
         for key, value in values.items():
@@ -215,12 +234,27 @@ def _mesh_sizes(mesh: ml_collections.ConfigDict, num_devices: int) -> dict[str, 
     return sizes if math.prod(sizes.values()) == num_devices else None
 
 
+def profile_steps(spec: str) -> range:
+    """The rollout steps of `profile` ("5-7": 5, 6 and 7; "5"; "": none)."""
+    if not spec:
+        return range(0)
+    first, _, last = spec.partition("-")
+    if not (first.isdigit() and (last.isdigit() or not last)) or int(first) < 1 or int(last or first) < int(first):
+        raise ConfigError(f"profile={spec!r}: give the rollout steps to trace as FIRST-LAST or one step, counted from "
+                          "1 as in metrics.jsonl (e.g. --config.profile=5-7), or '' for none")
+    return range(int(first), int(last or first) + 1)
+
+
 def problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
     """Everything wrong with `cfg` on `num_devices` devices, each saying what to change."""
     out = []
     r, a, o, rw, d = cfg.rollout, cfg.algorithm, cfg.optim, cfg.reward, cfg.data
     if cfg.steps < 0:
         out.append(f"steps={cfg.steps} must be >= 0")
+    try:
+        profile_steps(cfg.profile)
+    except ConfigError as error:
+        out.append(str(error))
     if cfg.model.attention not in ATTENTION_IMPLEMENTATIONS:
         out.append(f"model.attention={cfg.model.attention!r}: use one of {ATTENTION_IMPLEMENTATIONS}")
     if not 0.0 <= a.clip_low < 1.0:
@@ -345,7 +379,7 @@ def sequence_length(cfg: ml_collections.ConfigDict) -> int:
 
 # What a run can change when it resumes: everything else decides the shapes, the data order or the
 # learning-rate schedule of the saved run.
-RESUMABLE_CHANGES = ("steps", "eval", "checkpoint", "log_every", "tensorboard")
+RESUMABLE_CHANGES = ("steps", "eval", "checkpoint", "log_every", "tensorboard", "profile")
 
 
 def config_differences(saved: dict, cfg: ml_collections.ConfigDict, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -363,6 +397,9 @@ def config_differences(saved: dict, cfg: ml_collections.ConfigDict, ignore: tupl
             x, y, d = a.get(key), b.get(key), (default or {}).get(key)
             if isinstance(x, dict) and isinstance(y, dict):
                 walk(x, y, d if isinstance(d, dict) else {}, name + ".")
+            elif key not in a and name in BEFORE_ADDED:
+                if y != BEFORE_ADDED[name]:
+                    out.append(f"{name}: not saved (the run predates it and ran as {BEFORE_ADDED[name]!r}), now {y!r}")
             elif key not in a and y == d:
                 continue
             elif x != y and not (isinstance(x, list) and tuple(x) == y):

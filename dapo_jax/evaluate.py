@@ -104,6 +104,9 @@ def default_out(checkpoint: str | Path) -> Path:
 def evaluate(cfg: ml_collections.ConfigDict | None, checkpoint: str | Path, out: str | Path | None = None,
              overrides: dict | None = None) -> dict[str, float]:
     """Score `checkpoint`; `cfg` None takes the run's own settings (see `run_config`)."""
+    config_lib.local_directory(checkpoint, "the checkpoint", "a run's workdir or a Hugging Face checkpoint is read "
+                               "as local files; copy it from the bucket first (gcloud storage cp -r)")
+    config_lib.local_directory(out or "", "--out", "metrics.json and samples.jsonl are written there as local files")
     cfg, source = run_config(checkpoint, cfg, overrides)
     config_lib.validate(cfg, jax.device_count())
     mesh = sharding.make_mesh(**cfg.mesh)

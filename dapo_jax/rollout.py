@@ -124,8 +124,9 @@ def stream_groups(model_config, params, records: Sequence[PromptRecord], tokeniz
             if item is None:
                 return
             i, results = item
-            group = score_group(records[i], [r.tokens for r in results], [r.logprobs for r in results],
-                                [r.truncated for r in results], tokenizer, reward)
+            with jax.profiler.TraceAnnotation("dapo/reward"):
+                group = score_group(records[i], [r.tokens for r in results], [r.logprobs for r in results],
+                                    [r.truncated for r in results], tokenizer, reward)
             timer["reward"] = timer.get("reward", 0.0) + time.perf_counter() - scored
             yield group
     finally:

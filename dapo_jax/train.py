@@ -274,10 +274,11 @@ class Run:
         start = time.perf_counter()
         fresh = self.fresh_groups(step, timer)
         try:
-            collected = dynamic_sampling.collect(
-                step, r.prompts_per_step, self.carry, fresh, per_batch=r.gen_prompts_per_batch,
-                whole_batches=not r.stream, dynamic=r.dynamic_sampling, carry_over=r.carry_over,
-                max_carry_age=r.max_carry_age, max_gen_batches=r.max_gen_batches, on_limit=r.on_gen_batch_limit)
+            with jax.profiler.TraceAnnotation("dapo/generate"):  # (named in a --config.profile trace)
+                collected = dynamic_sampling.collect(
+                    step, r.prompts_per_step, self.carry, fresh, per_batch=r.gen_prompts_per_batch,
+                    whole_batches=not r.stream, dynamic=r.dynamic_sampling, carry_over=r.carry_over,
+                    max_carry_age=r.max_carry_age, max_gen_batches=r.max_gen_batches, on_limit=r.on_gen_batch_limit)
         finally:
             fresh.close()  # the engine stops; the sampling-layout params are freed
         if r.stream:
@@ -294,8 +295,9 @@ class Run:
 
         t = time.perf_counter()
         width = config_lib.row_width(self.cfg)
-        rollout.attach_logprobs(collected.groups + collected.carry, self.state.params, self.logprobs, width,
-                                ref_params=self.ref_params)
+        with jax.profiler.TraceAnnotation("dapo/old_logp"):
+            rollout.attach_logprobs(collected.groups + collected.carry, self.state.params, self.logprobs, width,
+                                    ref_params=self.ref_params)
         old_logp_seconds = time.perf_counter() - t
         o = self.cfg.optim
         batch = packing.train_batch(
@@ -306,8 +308,9 @@ class Run:
 
         t = time.perf_counter()
         updates_before = int(self.state.updates)
-        self.state, step_metrics = self.train_step(self.state, batch)
-        step_metrics = {f"actor/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
+        with jax.profiler.TraceAnnotation("dapo/update"):
+            self.state, step_metrics = self.train_step(self.state, batch)
+            step_metrics = {f"actor/{k}": float(v) for k, v in jax.device_get(step_metrics).items()}
         # The reference's actor/entropy is the generating policy's, on the batch, before any update; the
         # entropy the loss saw during the updates is kept beside it.
         step_metrics["actor/entropy_in_update"] = step_metrics.pop("actor/entropy")
@@ -341,12 +344,13 @@ class Run:
     def evaluate(self, step: int) -> dict[str, float]:
         e = self.cfg.eval
         start = time.perf_counter()
-        metrics, results = evaluation.run_evaluation(
-            self.model_config, self.state.params, self.eval_records, self.tokenizer, samples_per_prompt=e.samples_per_prompt,
-            temperature=e.temperature, top_p=e.top_p, max_response_length=self.cfg.rollout.max_response_length,
-            prompts_per_batch=e.prompts_per_batch, seed=seed_for(self.cfg.seed, 1 << 30), mesh=self.mesh,
-            prompt_bucket=self.cfg.rollout.prompt_bucket, stop_ids=self.stop_ids, pages=self.cfg.rollout.pages,
-            page_size=self.cfg.rollout.page_size)
+        with jax.profiler.TraceAnnotation("dapo/eval"):
+            metrics, results = evaluation.run_evaluation(
+                self.model_config, self.state.params, self.eval_records, self.tokenizer,
+                samples_per_prompt=e.samples_per_prompt, temperature=e.temperature, top_p=e.top_p,
+                max_response_length=self.cfg.rollout.max_response_length, prompts_per_batch=e.prompts_per_batch,
+                seed=seed_for(self.cfg.seed, 1 << 30), mesh=self.mesh, prompt_bucket=self.cfg.rollout.prompt_bucket,
+                stop_ids=self.stop_ids, pages=self.cfg.rollout.pages, page_size=self.cfg.rollout.page_size)
         metrics["time/eval"] = time.perf_counter() - start
         if jax.process_index() == 0:
             out = self.workdir / "eval" / f"step_{step}.jsonl"
@@ -380,6 +384,43 @@ def _avg_key(metrics: dict) -> str:
 # -- the loop ---------------------------------------------------------------------------------------
 
 
+class Profile:
+    """Traces the rollout steps `steps` (numbered as in metrics.jsonl) with the JAX profiler into
+    <workdir>/tensorboard/plugins/profile/<time>/ (an .xplane.pb and a .trace.json.gz per host for
+    TensorBoard's profile plugin, and perfetto_trace.json.gz), with the host-side spans dapo/generate, dapo/reward,
+    dapo/old_logp, dapo/update and dapo/eval; one trace from the first step to the last."""
+
+    def __init__(self, steps: range, workdir: Path):
+        self.steps, self.directory, self.tracing = steps, workdir / "tensorboard", False
+
+    def before(self, step: int) -> None:
+        if step in self.steps and not self.tracing:
+            options = jax.profiler.ProfileOptions()
+            # No Python function tracing: it records every call (JAX's tracing of a step is millions)
+            # and the trace viewer keeps the first 1,000,000 events, which ended the trace early.
+            options.python_tracer_level = 0
+            jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True, profiler_options=options)
+            self.tracing = True
+
+    def after(self, step: int) -> None:
+        if self.tracing and step >= self.steps[-1]:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.tracing:
+            self.tracing = False
+            jax.profiler.stop_trace()
+            if jax.process_index() == 0:
+                print(f"profile of rollout steps {self.steps[0]}-{self.steps[-1]} written to {self.directory}/plugins/"
+                      f"profile (tensorboard --logdir {self.directory}, then the Profile tab)", flush=True)
+
+    def __enter__(self) -> Profile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 FINISHED = "finished.json"  # written last: a workdir holding it (for as many steps) has nothing left to do
 
 
@@ -391,6 +432,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path,
     with an error naming the first. A finished run is not run again unless `steps` was raised.
     """
     config_lib.validate(cfg, jax.device_count())
+    config_lib.local_directory(
+        workdir, "--workdir", "config.json, metrics.jsonl, TensorBoard events, evaluation files and the Hugging Face "
+        "export are written there as local files. Give a local --workdir and put the checkpoints on the bucket with "
+        f"--config.checkpoint.dir={workdir} (on a pod every host writes its shards there); copy the workdir there "
+        "afterwards if you want it on the bucket too (gcloud storage cp -r)")
     workdir = Path(workdir)
     checkpoint_dir = checkpoints.checkpoint_dir(cfg, workdir)
     with contextlib.ExitStack() as locks:
@@ -470,9 +516,10 @@ def _train(cfg, workdir: Path, checkpoint_dir, on_step_end) -> dict[str, float]:
 
     bar = tqdm.tqdm(total=cfg.steps, initial=run.host.step, desc="rollout steps", disable=jax.process_index() != 0,
                     dynamic_ncols=True)
-    with checkpoints.StopRequest() as stop:
+    with checkpoints.StopRequest() as stop, Profile(config_lib.profile_steps(cfg.profile), workdir) as profile:
         while run.host.step < cfg.steps:
             step = run.host.step
+            profile.before(step + 1)
             step_metrics = run.step(step)
             run.host.step = step + 1
             done = run.host.step == cfg.steps
@@ -484,6 +531,7 @@ def _train(cfg, workdir: Path, checkpoint_dir, on_step_end) -> dict[str, float]:
             bar.set_postfix(batch_acc=f"{step_metrics.get('batch/acc_mean', 0):.3f}",
                             gen_batches=step_metrics["dynamic_sampling/gen_batches"],
                             entropy=f"{step_metrics.get('actor/entropy', 0):.3f}")
+            profile.after(run.host.step)
             if on_step_end is not None:
                 on_step_end(run.host.step)
             stopping = stop.agreed()

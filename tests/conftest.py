@@ -4,15 +4,97 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs (read at its import) asks Cloud Storage's gRPC control API whether a bucket is zonal; the
+# local GCS emulator the bucket tests run on serves only the JSON API, and the question times out
+# after 60 s per bucket. Real buckets answer it.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
+import contextlib  # noqa: E402
+import logging  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
+import socket  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from dapo_jax.models.qwen2 import Qwen2Config  # noqa: E402
 
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A Cloud Storage API server on 127.0.0.1 (`gcp-storage-emulator`, in memory) for the tests'
+    session, and the environment that points every client at it, this process's and its
+    subprocesses': gcsfs (which etils' epath and fsspec use: orbax's directories, the run lock) reads
+    STORAGE_EMULATOR_HOST, tensorstore (orbax's arrays) TENSORSTORE_GCS_HTTP_URL with a test token.
+    Yields a gcsfs filesystem on it; each test makes its own bucket."""
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True)
+    patch = pytest.MonkeyPatch()
+    _uploads_honour_if_absent(patch)
+    server.start()
+    # the emulator logs every missing object (orbax probes for many) as an error
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+    url = f"http://127.0.0.1:{port}"
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import gcsfs
+
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        yield gcsfs.GCSFileSystem(token="anon", project="dapo-jax-tests")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        with contextlib.suppress(Exception):
+            server.stop()
+        patch.undo()
+
+
+def _uploads_honour_if_absent(patch: pytest.MonkeyPatch) -> None:
+    """Makes the emulator keep Cloud Storage's precondition ifGenerationMatch=0 on uploads (write
+    only if no object has that name, else 412 Precondition Failed), which it ignores: the run lock
+    creates its file with it."""
+    from http import HTTPStatus
+    import threading
+
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    lock = threading.Lock()  # check and write as one step
+
+    def guard(upload):
+        def guarded(request, response, storage):
+            if request.query.get("ifGenerationMatch", [""])[0] != "0":
+                return upload(request, response, storage)
+            name = request.query["name"][0] if "name" in request.query else request.data["meta"].get("name")
+            with lock:
+                try:
+                    storage.get_file_obj(request.params["bucket_name"], name)
+                except NotFound:
+                    return upload(request, response, storage)
+            response.status = HTTPStatus.PRECONDITION_FAILED
+            message = "At least one of the pre-conditions you specified did not hold."
+            response.json({"error": {"code": 412, "message": message,
+                                      "errors": [{"reason": "conditionNotMet", "message": message}]}})
+        return guarded
+
+    # gcsfs's uploads (multipart) only: with tensorstore's (media uploads, which it retries and
+    # compares generations on) guarded too, saves failed at random with "Malformed StorageGeneration"
+    patch.setattr(objects, "_multipart_upload", guard(objects._multipart_upload))
 
 
 def tiny_config(**overrides) -> Qwen2Config:

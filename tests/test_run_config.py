@@ -135,3 +135,14 @@ def test_a_field_added_since_a_save_differs_only_off_its_default():
     assert config_lib.resume_differences(saved, cfg) == ["rollout.generation_chunk: saved None, now 4"]
     assert config_lib.config_differences(saved, cfg) == ["rollout.generation_chunk: saved None, now 4",
                                                          "steps: saved 60, now 7"]
+
+
+def test_a_run_saved_before_a_behaviour_changing_field_keeps_its_old_behaviour():
+    cfg = config_lib.default_config()
+    saved = cfg.to_dict()
+    del saved["rollout"]["stream"]  # saved before dynamic sampling streamed from the engine
+    assert config_lib.from_saved(saved).rollout.stream is False  # resumes (and evaluates) as it ran
+    assert config_lib.resume_differences(saved, cfg) == [
+        "rollout.stream: not saved (the run predates it and ran as False), now True"]
+    cfg.rollout.stream = False
+    assert config_lib.resume_differences(saved, cfg) == []

@@ -1,7 +1,9 @@
 """The training loop end to end, on the embedded model and an 8-device mesh: a few rollout steps with
-metrics, TensorBoard, checkpoints and the Hugging Face export; a SIGTERM stop and resume that ends
-with exactly the parameters of an uninterrupted run; the generation-batch limit; bad configs."""
+metrics, TensorBoard, checkpoints and the Hugging Face export; a SIGTERM stop and resume (from a gs://
+bucket on a local Cloud Storage emulator) that ends with exactly the parameters of an uninterrupted run; the generation-batch limit; bad configs."""
 
+import collections
+import gzip
 import json
 import os
 import signal
@@ -36,7 +38,9 @@ def params_of(workdir):
 
 
 def test_a_run_logs_checkpoints_and_exports(tmp_path):
-    out = train.train(small_config(steps=3), tmp_path)
+    traced = small_config(steps=3)
+    traced.profile = "2-3"
+    out = train.train(traced, tmp_path)
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [0, 1, 2, 3, 3]
     assert "eval/all/avg@2" in records[0] and "eval/all/avg@2" in records[2]  # before training, and every 2 steps
@@ -55,6 +59,16 @@ def test_a_run_logs_checkpoints_and_exports(tmp_path):
     assert summary["summary/avg@2_after"] == out["summary/avg@2_after"] == summary["eval/all/avg@2"]
     assert summary["summary/avg@2_before"] == records[0]["eval/all/avg@2"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    # --config.profile=2-3: one trace of those two steps (and the evaluation after step 2) for
+    # TensorBoard's profile plugin, which reads the .xplane.pb: it holds the loop's named spans. The
+    # JSON exports keep the first 1,000,000 events, which a CPU step on 8 devices nearly fills.
+    (trace,) = (tmp_path / "tensorboard" / "plugins" / "profile").iterdir()
+    (xplane,) = trace.glob("*.xplane.pb")
+    for span in (b"dapo/generate", b"dapo/reward", b"dapo/old_logp", b"dapo/update", b"dapo/eval"):
+        assert span in xplane.read_bytes(), span
+    events = json.loads(gzip.decompress((trace / "perfetto_trace.json.gz").read_bytes()))["traceEvents"]
+    names = collections.Counter(e.get("name") for e in events if e.get("ph") == "X")
+    assert names["dapo/generate"] >= 1
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]  # keep=2
     assert len((tmp_path / "eval" / "step_0.jsonl").read_text().splitlines()) == 8 * 2
     assert json.loads((tmp_path / "config.json").read_text())["steps"] == 3
@@ -83,21 +97,30 @@ def test_a_run_logs_checkpoints_and_exports(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 3, 4, 4]
 
 
-def test_stop_and_resume_gives_the_same_parameters_as_never_stopping(tmp_path):
+def test_stop_and_resume_from_a_bucket_gives_the_same_parameters_as_never_stopping(tmp_path, gcs):
+    """The stopped run keeps its checkpoints on a gs:// bucket (the `gcs` emulator), as on a pod."""
     train.train(small_config(steps=4), tmp_path / "straight")
+    gcs.mkdir("runs")
+
+    def on_bucket(steps=4):
+        c = small_config(steps)
+        c.checkpoint.dir = "gs://runs/stopped"
+        return c
 
     def sigterm_after_step_2(step):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    assert train.train(small_config(steps=4), tmp_path / "stopped", on_step_end=sigterm_after_step_2) == {}
-    assert not (tmp_path / "stopped" / "hf_final").exists()
+    assert train.train(on_bucket(), tmp_path / "stopped", on_step_end=sigterm_after_step_2) == {}
+    assert not (tmp_path / "stopped" / "hf_final").exists() and not (tmp_path / "stopped" / "checkpoints").exists()
+    gcs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[-1] for p in gcs.ls("runs/stopped")) == ["1", "2"]  # keep=2, and no lock left
     assert [r["step"] for r in read_metrics(tmp_path / "stopped")] == [0, 1, 2]
-    changed = small_config(steps=4)
+    changed = on_bucket()
     changed.rollout.samples_per_prompt = 8
     with pytest.raises(config_lib.ConfigError, match="rollout.samples_per_prompt: saved 4, now 8"):
         train.train(changed, tmp_path / "stopped")
-    train.train(small_config(steps=4), tmp_path / "stopped")  # resumes from the step-2 checkpoint
+    train.train(on_bucket(), tmp_path / "stopped")  # resumes from the step-2 checkpoint on the bucket
     for a, b in zip(params_of(tmp_path / "straight"), params_of(tmp_path / "stopped")):
         np.testing.assert_array_equal(a, b)
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "stopped")
