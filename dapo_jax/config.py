@@ -126,6 +126,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 2
     c.checkpoint.dir = ""  # "" = <workdir>/checkpoints; a multi-host run needs shared storage (gs://bucket/...)
     c.checkpoint.export_hf = True  # write the final policy as a Hugging Face checkpoint
+    # seconds a save may take in the background, this host's writes and then the wait for the other
+    # hosts' (orbax's async timeout), before the run stops with an error: size it to the checkpoint
+    # and the storage's bandwidth. A host whose writes failed leaves the others waiting this long.
+    c.checkpoint.timeout_s = 1200
 
     # slices > 1: multi-slice, the data axis split across slices (data must be a multiple of slices)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, slices=1))
@@ -319,8 +323,8 @@ def problems(cfg: ml_collections.ConfigDict, num_devices: int) -> list[str]:
         out.append(f"eval.samples_per_prompt={cfg.eval.samples_per_prompt} must be >= 1")
     if d.eval == "synthetic" and d.eval_problems < 1:
         out.append("data.eval_problems must be >= 1 for the synthetic eval split (it is endless)")
-    if cfg.checkpoint.keep < 1 or cfg.checkpoint.every < 1:
-        out.append("checkpoint.keep and checkpoint.every must be >= 1")
+    if cfg.checkpoint.keep < 1 or cfg.checkpoint.every < 1 or cfg.checkpoint.timeout_s < 1:
+        out.append("checkpoint.keep, checkpoint.every and checkpoint.timeout_s must be >= 1")
 
     if o.pack_budget < 0:
         out.append(f"optim.pack_budget={o.pack_budget} must be >= 0 (0 = the longest prompt + answer)")

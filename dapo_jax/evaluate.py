@@ -144,6 +144,7 @@ def main(argv):
 
     del argv
     sharding.initialize_distributed_from_flags()
+    checkpoints.use_distributed_barriers()
     f = flags.FLAGS
     overrides = {name.removeprefix("config."): f[name].value for name in f if name.startswith("config.")
                  and f[name].present}

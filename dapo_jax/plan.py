@@ -379,9 +379,8 @@ def compile_sampler(model_cfg: qwen2.Qwen2Config, call: SamplerCall, mesh) -> tu
 
 def sampling_params(model_cfg: qwen2.Qwen2Config, mesh):
     """The parameters as the engine reads them (`sampling.sampling_layout`), as ShapeDtypeStructs."""
-    dtype = model_cfg.compute_dtype
     return jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, sampling.layout_dtype(x.dtype, model_cfg.compute_dtype),
                                           sharding=s),
         qwen2.abstract_params(model_cfg), qwen2.param_shardings(model_cfg, mesh, sharding.SAMPLING_RULES))
 

@@ -396,8 +396,7 @@ def sampling_layout(config: Qwen2Config, params, mesh=None):
     as they are. The training loop makes it once per rollout step and hands it to `generate`.
     """
     dtype = config.compute_dtype
-    cast = [jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype for x in jax.tree_util.tree_leaves(params)]
-    if any(cast):
+    if any(layout_dtype(x.dtype, dtype) != x.dtype for x in jax.tree_util.tree_leaves(params)):
         params = _cast(params, dtype)
     if mesh is None:
         return params
@@ -411,9 +410,14 @@ def _sampling_shardings(config: Qwen2Config, mesh):
     return qwen2.param_shardings(config, mesh, sharding.SAMPLING_RULES)
 
 
+def layout_dtype(dtype, compute_dtype):
+    """A parameter's dtype in the sampling layout: the compute dtype for floating-point ones."""
+    return compute_dtype if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _cast(params, dtype):
-    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return jax.tree_util.tree_map(lambda x: x.astype(layout_dtype(x.dtype, dtype)), params)
 
 
 def _request(config, params, prompts, max_new_tokens, temperature, top_p, top_k, eos_ids, num_samples, prompt_bucket,

@@ -501,7 +501,7 @@ def _train(cfg, workdir: Path, checkpoint_dir, on_step_end) -> dict[str, float]:
     if jax.process_index() == 0:
         saved_config.write_text(cfg.to_json(indent=1))
     run = Run(cfg, workdir)
-    checkpointer = checkpoints.Checkpointer(checkpoint_dir, keep=cfg.checkpoint.keep)
+    checkpointer = checkpoints.Checkpointer(checkpoint_dir, keep=cfg.checkpoint.keep, timeout_s=cfg.checkpoint.timeout_s)
     latest = checkpointer.latest_step()
     if latest is not None:
         run.restore(checkpointer, latest)
@@ -589,12 +589,16 @@ def main(argv):
 
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax narrates every save at INFO
+    checkpoints.receive_stop_signals()  # before jax.distributed starts its threads
     sharding.initialize_distributed_from_flags()
+    checkpoints.receive_stop_signals()  # SIGTERM back from jax.distributed's preemption notifier
+    checkpoints.use_distributed_barriers()
     cfg = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or default_workdir()
     if jax.process_index() == 0:
         print(f"workdir: {workdir}", flush=True)
-    train(cfg, workdir)
+    with checkpoints.exit_on_failed_save():
+        train(cfg, workdir)
 
 
 if __name__ == "__main__":

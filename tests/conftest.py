@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from dapo_jax.models.qwen2 import Qwen2Config  # noqa: E402
+from gcs_emulator import keep_preconditions  # noqa: E402
 
 
 
@@ -40,7 +41,7 @@ def gcs():
     port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True)
     patch = pytest.MonkeyPatch()
-    _uploads_honour_if_absent(patch)
+    keep_preconditions(patch)
     server.start()
     # the emulator logs every missing object (orbax probes for many) as an error
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
@@ -62,39 +63,6 @@ def gcs():
         with contextlib.suppress(Exception):
             server.stop()
         patch.undo()
-
-
-def _uploads_honour_if_absent(patch: pytest.MonkeyPatch) -> None:
-    """Makes the emulator keep Cloud Storage's precondition ifGenerationMatch=0 on uploads (write
-    only if no object has that name, else 412 Precondition Failed), which it ignores: the run lock
-    creates its file with it."""
-    from http import HTTPStatus
-    import threading
-
-    from gcp_storage_emulator.exceptions import NotFound
-    from gcp_storage_emulator.handlers import objects
-
-    lock = threading.Lock()  # check and write as one step
-
-    def guard(upload):
-        def guarded(request, response, storage):
-            if request.query.get("ifGenerationMatch", [""])[0] != "0":
-                return upload(request, response, storage)
-            name = request.query["name"][0] if "name" in request.query else request.data["meta"].get("name")
-            with lock:
-                try:
-                    storage.get_file_obj(request.params["bucket_name"], name)
-                except NotFound:
-                    return upload(request, response, storage)
-            response.status = HTTPStatus.PRECONDITION_FAILED
-            message = "At least one of the pre-conditions you specified did not hold."
-            response.json({"error": {"code": 412, "message": message,
-                                      "errors": [{"reason": "conditionNotMet", "message": message}]}})
-        return guarded
-
-    # gcsfs's uploads (multipart) only: with tensorstore's (media uploads, which it retries and
-    # compares generations on) guarded too, saves failed at random with "Malformed StorageGeneration"
-    patch.setattr(objects, "_multipart_upload", guard(objects._multipart_upload))
 
 
 def tiny_config(**overrides) -> Qwen2Config:

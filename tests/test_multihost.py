@@ -1,7 +1,7 @@
 """Multi-host: two processes on localhost joined by jax.distributed (4 CPU devices each) train the tiny
 config on the 8-device global mesh and end with the losses and parameters of one process with 8
-devices. Every process runs the same host loop; checkpoints are written cooperatively, and a
-SIGTERM to one process stops both at the same step."""
+devices. Every process runs the same host loop; checkpoints are written cooperatively to a bucket, and
+a SIGTERM to one process stops both at the same step."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -50,21 +51,28 @@ LOSSES = ("actor/pg_loss", "actor/entropy", "actor/grad_norm", "actor/approx_kl"
           "rollout/response_length_mean", "dynamic_sampling/gen_batches")
 
 
-def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
-    """One of the pair is preempted (SIGTERM to it alone) once step 1 is saved: both save and exit
-    at the same step, and the rerun of both resumes. (The same on a gs:// bucket through the local
-    emulator failed: tensorstore's conditional write of an OCDBT manifest got "Malformed
-    StorageGeneration" from the emulator in some tries, and the other process then waited in
-    orbax's barrier for good; the bucket tests in test_bucket are single-process.)"""
+def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path, gcs):
+    """The pair checkpoints to a gs:// bucket (the `gcs` emulator), as hosts of a pod do, and one of
+    them is preempted (SIGTERM to it alone) once step 1 is saved: both save and exit at the same
+    step, and the rerun of both resumes from the bucket."""
+    gcs.mkdir("multi")
+    bucket = "gs://multi/two"
+
+    def saved_steps():
+        gcs.invalidate_cache()
+        return sorted(p.rsplit("/", 1)[-1] for p in gcs.ls("multi/two") if p.rsplit("/", 1)[-1].isdigit())
+
     port = free_port()
 
     def pair():
         return [start(tmp_path / "two", 4, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                            f"--process_id={i}"]) for i in range(2)]
+                                            f"--process_id={i}", f"--config.checkpoint.dir={bucket}"])
+                for i in range(2)]
 
     first = pair()
     deadline = time.time() + 600
-    while not (tmp_path / "two" / "checkpoints" / "1").is_dir():  # (orbax renames a finished save into place)
+    while not gcs.exists("multi/two/1/commit_success.txt"):  # orbax's mark of a finished save on a bucket
+        gcs.invalidate_cache()
         assert time.time() < deadline and all(p.poll() is None for p in first), "step 1 was never saved"
         time.sleep(0.2)
     signalled = time.perf_counter()
@@ -72,11 +80,10 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
     stopped = [finish(p) for p in first]
     print(f"SIGTERM to process 1 -> both exited: {time.perf_counter() - signalled:.1f} s")
     (at,) = re.findall(r"stopped by a signal after step (\d+); checkpoint saved", stopped[0])
-    saved = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved == [str(int(at) - 1), at]  # keep=2
+    assert saved_steps() == [str(int(at) - 1), at]  # keep=2
     port = free_port()
     outputs = [finish(p) for p in pair()]
-    assert f"resumed from {tmp_path / 'two' / 'checkpoints'} at step {at}" in outputs[0]
+    assert f"resumed from {bucket} at step {at}" in outputs[0]
     finish(start(tmp_path / "one", 8))
 
     two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
@@ -101,9 +108,68 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
         assert np.mean(np.abs(np.asarray(a) - np.asarray(b))) < 1e-6
     # one set of outputs: process 0 logs and writes; both wrote the checkpoint together
     assert "held-out evaluation before training" in stopped[0] and "held-out evaluation" not in stopped[1] + outputs[1]
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    assert saved_steps() == ["2", "3"] and not (tmp_path / "two" / "checkpoints").exists()
     assert json.loads((tmp_path / "two" / "config.json").read_text())["steps"] == 3
 
+
+ROUTED = textwrap.dedent("""
+    import os, signal, socket, threading, time
+    from dapo_jax import checkpoints
+
+    def tasks():
+        return set(os.listdir("/proc/self/task"))
+
+    before = tasks()
+    checkpoints.receive_stop_signals()
+    import jax  # jax.distributed starts threads, and installs a SIGTERM handler of its own
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=1, process_id=0)
+    checkpoints.receive_stop_signals()
+    jax.numpy.ones(8).sum().block_until_ready()
+    bits = sum(1 << (s - 1) for s in checkpoints.STOP_SIGNALS)
+    waiter = {str(t.native_id) for t in threading.enumerate() if t.name == "stop-signals"}  # (in sigwait: unblocked)
+    masks = {t: open(f"/proc/self/task/{t}/status").read().split("SigBlk:")[1].split()[0]
+             for t in tasks() - before - waiter}
+    print("threads started later:", len(masks) > 2, "all blocking:", all(int(m, 16) & bits == bits for m in masks.values()))
+
+    def wait_for(condition, seconds=10):
+        deadline = time.time() + seconds
+        while not condition() and time.time() < deadline:
+            time.sleep(0.01)
+        return condition()
+
+    seen = 0
+    for _ in range(10):
+        with checkpoints.StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen += wait_for(lambda: stop.requested)
+    print("requests inside the loop:", seen)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        wait_for(lambda: False, 5)
+        print("SIGINT outside: nothing")
+    except KeyboardInterrupt:
+        print("SIGINT outside: KeyboardInterrupt")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1)
+    with checkpoints.StopRequest() as stop:
+        print("SIGTERM outside, kept for the next loop:", stop.requested)
+""")
+
+
+def test_the_train_command_takes_stop_signals_in_a_thread_of_their_own():
+    """`checkpoints.receive_stop_signals` (the train command's first step): threads started after it
+    (jax.distributed's, XLA's) never take the signals; inside the loop each is a stop request, even
+    with jax.distributed's SIGTERM handler installed; outside, SIGINT is a KeyboardInterrupt and a
+    SIGTERM waits for the loop."""
+    done = subprocess.run([sys.executable, "-c", ROUTED], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["threads started later: True all blocking: True",
+                                        "requests inside the loop: 10", "SIGINT outside: KeyboardInterrupt",
+                                        "SIGTERM outside, kept for the next loop: True"]
 
 def test_a_process_without_its_peers_says_what_is_missing(tmp_path):
     process = start(tmp_path, 4, ["--coordinator_address=127.0.0.1:1", "--num_processes=2"])
