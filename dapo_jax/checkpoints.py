@@ -60,11 +60,9 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, host: dict) -> None:
-        try:
+        with self._failures():  # this save's, or the previous one's surfacing now
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                             host=ocp.args.JsonSave(host)))
-        except Exception as error:  # this save's, or the previous one's surfacing now
-            raise self._failed(error) from error
 
     def restore(self, step: int, like_state):
         """(state, host) of checkpoint `step`; arrays take the shardings of `like_state`'s."""
@@ -74,21 +72,24 @@ class Checkpointer:
         return out.state, out.host
 
     def close(self) -> None:
-        try:
+        with self._failures():
             self.manager.wait_until_finished()
-        except Exception as error:
-            raise self._failed(error) from error
         self.manager.close()
 
-    def _failed(self, error: Exception) -> SaveFailed:
+    @contextlib.contextmanager
+    def _failures(self):
+        """Any error inside as a SaveFailed that says which checkpoint a rerun resumes from."""
         try:
-            latest = self.manager.latest_step()
-            latest = ("no checkpoint is complete yet" if latest is None else
-                      f"the latest complete checkpoint is step {latest}, and a rerun resumes from it")
-        except Exception:  # the storage may be what failed
-            latest = "the latest complete checkpoint could not be listed"
-        return SaveFailed(f"saving a checkpoint into {self.directory} failed ({type(error).__name__}: "
-                          f"{str(error)[:500]}); {latest}")
+            yield
+        except Exception as error:
+            try:
+                latest = self.manager.latest_step()
+                latest = ("no checkpoint is complete yet" if latest is None else
+                          f"the latest complete checkpoint is step {latest}, and a rerun resumes from it")
+            except Exception:  # the storage may be what failed
+                latest = "the latest complete checkpoint could not be listed"
+            raise SaveFailed(f"saving a checkpoint into {self.directory} failed ({type(error).__name__}: "
+                             f"{str(error)[:500]}); {latest}") from error
 
 
 def use_distributed_barriers() -> None:
@@ -127,7 +128,7 @@ def exit_on_failed_save():
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _entered: list[StopRequest] = []  # the StopRequests in force, innermost last
-_pending = [False]  # a SIGTERM that came while none was: the next StopRequest starts requested
+_pending = False  # a SIGTERM that came while none was: the next StopRequest starts requested
 _received_in_a_thread = False
 
 
@@ -160,56 +161,53 @@ def _receive() -> None:
     while True:
         sig = signal.sigwait(STOP_SIGNALS)
         try:
-            if not _request_stop(sig) and sig == signal.SIGINT:
+            if _take(sig):
                 _thread.interrupt_main(sig)  # runs _on_signal in the main thread
         except Exception:  # noqa: BLE001 - this thread must outlive anything a delivery runs into
             log.exception("delivering %s", signal.Signals(sig).name)
 
 
 def _on_signal(sig: int, frame) -> None:
-    if not _request_stop(sig) and sig == signal.SIGINT:
+    if _take(sig):
         raise KeyboardInterrupt
 
 
-def _request_stop(sig: int) -> bool:
-    """Marks the innermost StopRequest in force, or keeps a SIGTERM for the next one; False for a
-    SIGINT that found none."""
+def _take(sig: int) -> bool:
+    """Marks the innermost StopRequest in force, or keeps a SIGTERM for the next one. True for a
+    SIGINT that found none: the caller raises KeyboardInterrupt in the main thread."""
+    global _pending
     innermost = _entered[-1:]  # one read: __exit__ may remove it meanwhile
     if innermost:
         innermost[0].requested = True
     elif sig == signal.SIGTERM:
-        _pending[0] = True
-    return bool(innermost) or sig == signal.SIGTERM
+        _pending = True
+    return not innermost and sig == signal.SIGINT
 
 
 class StopRequest:
     """Set by SIGTERM (and SIGINT while entered); every host agrees before the loop acts on it, so
-    no host takes a branch the others do not. Signals come through `receive_stop_signals` when the
-    process set it up (the train command), else through a handler installed while entered (train()
-    called in-process)."""
+    no host takes a branch the others do not. Its handler is installed while entered (train() called
+    in-process); with `receive_stop_signals` set up (the train command), that thread delivers here
+    too and the handler stays."""
 
     def __init__(self):
         self.requested = False
         self._previous = {}
 
     def __enter__(self):
-        if _received_in_a_thread:
-            receive_stop_signals()  # the handler again, in case anything took SIGTERM meanwhile
-            self.requested, _pending[0] = _pending[0], False
-            _entered.append(self)
-        else:
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+        global _pending
+        # installed again in the train command too: jax.distributed's notifier may have taken SIGTERM
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, _on_signal)
+        self.requested, _pending = _pending, False
+        _entered.append(self)
         return self
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        if self in _entered:
-            _entered.remove(self)
-
-    def _handle(self, signum, frame):
-        self.requested = True
+        _entered.remove(self)
+        if not _received_in_a_thread:  # (the train command keeps them: see receive_stop_signals)
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
 
     def agreed(self) -> bool:
         if jax.process_count() == 1:
