@@ -26,6 +26,15 @@ Two cache layouts (`EngineConfig.pages`):
                 place and sized to the longest span the busy slots need (resized between segments):
                 no gathers, the fastest layout where no paged-attention kernel runs.
 
+Lanes (contiguous layout, one device): a decode step's attention reads every slot's cache up to the
+span of the longest busy slot, so with long-tailed answers one long answer would make every row read
+~the full length. With `long_slots` > 0 the slots form two lanes, each its own cache sized to its
+own longest row: a slot whose answer grows past `long_from` tokens trades places (cache rows and
+state, one copy each way) with a free slot of the long lane, or else with a long-lane row that is
+still short (admissions fill both lanes), so the short lane's rows keep reading a short span. With
+no such slot, rows stay where they are and the short lane's span grows (correct, only slower). A
+step runs the model once per lane.
+
 Determinism: the random numbers of (prompt i, sample j) come from its row index i * G + j in the
 request (as in `dapo_jax.sampling`), and every decision of the host loop follows from what the
 device returned, so sample j of prompt i gets the same tokens whatever slot it lands in and however
@@ -62,6 +71,10 @@ class EngineConfig:
     pages: int = 0  # pages in the pool; 0 = enough for every slot at the longest length (never preempts)
     segment: int = 16  # decode steps per device call between admissions
     prefill: int = 8  # prompts per prefill call at most (bounds its activations; an admission makes several)
+    long_slots: int = 0  # contiguous layout: slots of the long lane (0 = one lane; see the module docstring)
+    # tokens (prompt + answer) past which a row moves to the long lane; 0 = a quarter of the longest
+    # prompt + max_new_tokens (at least the padded prompt width + a segment)
+    long_from: int = 0
 
     def __post_init__(self):
         for name in ("slots", "page_size", "segment", "prefill"):
@@ -69,6 +82,12 @@ class EngineConfig:
                 raise ValueError(f"engine {name}={getattr(self, name)} must be >= 1")
         if self.pages < 0:
             raise ValueError(f"engine pages={self.pages} must be >= 0 (0 = enough for every slot)")
+        if not 0 <= self.long_slots < self.slots or self.long_from < 0:
+            raise ValueError(f"engine long_slots={self.long_slots} must be in [0, slots={self.slots}) and "
+                             f"long_from={self.long_from} >= 0")
+        if self.long_slots and self.pages:
+            raise ValueError("engine lanes (long_slots > 0) are for the contiguous layout (pages=0); a page pool "
+                             "already reads each slot's own pages")
 
 
 @flax.struct.dataclass
@@ -111,14 +130,20 @@ def _admit(config: Qwen2Config, sampling: SamplingConfig, params, cache, slots: 
     logits_QxV = qwen2.project_to_vocab(config, qwen2.vocab_head(config, params), last_QxE)[:, 0]
     if _is_paged(cache):
         cache = paged.write_prompts(cache, dense.k, dense.v, pages_AxN, source_A)
-    else:  # each admitted slot's first P slots of cache
-        def put_prompt(c: KVCache, k, v) -> KVCache:
+    else:  # each admitted slot's first P slots of cache, in its lane
+        def put_prompt(c: KVCache, k, v, slot_A) -> KVCache:
             lead = (slice(None),) * (c.k.ndim - 4)
             return KVCache(k=c.k.at[lead + (slot_A, Ellipsis, slice(0, P))].set(k[..., source_A, :, :, :], mode="drop"),
                            v=c.v.at[lead + (slot_A, slice(None), slice(0, P))].set(v[..., source_A, :, :, :],
                                                                                   mode="drop"))
-        cache = ([put_prompt(c, dense.k[i], dense.v[i]) for i, c in enumerate(cache)] if isinstance(cache, list)
-                 else put_prompt(cache, dense.k, dense.v))
+        lanes, offset = [], 0
+        for lane in cache:
+            n = _lane_rows(lane)
+            local_A = jnp.where((slot_A >= offset) & (slot_A < offset + n), slot_A - offset, n)  # n: elsewhere, dropped
+            lanes.append([put_prompt(c, dense.k[i], dense.v[i], local_A) for i, c in enumerate(lane)]
+                         if isinstance(lane, list) else put_prompt(lane, dense.k, dense.v, local_A))
+            offset += n
+        cache = tuple(lanes)
 
     uniforms_AxMx2 = _draws(rng, row_A, M)
     token_A, logprob_A = sample_tokens(logits_QxV[source_A], uniforms_AxMx2[:, 0], sampling)
@@ -142,18 +167,28 @@ def _decode(config: Qwen2Config, sampling: SamplingConfig, steps: int, params, c
     lists each slot's pages up to the span this call reads."""
     M = sampling.max_new_tokens
     eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
-    unrolled, is_paged = isinstance(cache, list), _is_paged(cache)
+    is_paged = _is_paged(cache)
+    unrolled = isinstance(cache if is_paged else cache[0], list)
     if unrolled:
         layers = qwen2.unstack_layers(params)
         head_ExV = qwen2.vocab_head(config, params).T
     if is_paged:
         cache = [c.replace(table=table_SxN) for c in cache] if unrolled else cache.replace(table=table_SxN)
-        span = table_SxN.shape[1] * (cache[0] if unrolled else cache).page_size
-    else:
-        span = (cache[0] if unrolled else cache).length
+        span_S = table_SxN.shape[1] * (cache[0] if unrolled else cache).page_size
+    else:  # each lane's rows read its cache up to its length
+        sizes = [_lane_rows(lane) for lane in cache]
+        span_S = jnp.asarray(np.repeat([_lane_length(lane) for lane in cache], sizes), jnp.int32)
+        bounds = np.cumsum([0] + sizes)
     S = busy_S.shape[0]
     rows = jnp.arange(S)
-    every_key_SxT = jnp.ones((S, span), jnp.int32)  # a slot's keys are all real up to its position
+
+    def contiguous(lane, fed_B, position_B):
+        every_key_BxT = jnp.ones((len(fed_B), _lane_length(lane)), jnp.int32)  # a slot's keys are all real up to its position
+        if unrolled:
+            return qwen2.apply_unrolled(config, params, layers, head_ExV, fed_B[:, None], position_B[:, None],
+                                        every_key_BxT, lane, position_B)
+        return Qwen2ForCausalLM(config).apply({"params": params}, fed_B[:, None], position_B[:, None], every_key_BxT,
+                                              lane, position_B)
 
     def step(carry):
         i, cache, s = carry
@@ -161,20 +196,19 @@ def _decode(config: Qwen2Config, sampling: SamplingConfig, steps: int, params, c
         fed_S = s.tokens_SxM[rows, jnp.maximum(s.lengths_S - 1, 0)]
         position_S = s.prompt_len_S + s.lengths_S - 1
         # Finished and idle slots still run (fixed shapes) but write nowhere: their position is
-        # moved past their table, so their keys and values are dropped.
-        position_S = jnp.where(live_S, position_S, span)
+        # moved past their cache, so their keys and values are dropped.
+        position_S = jnp.where(live_S, position_S, span_S)
         if is_paged and unrolled:
             logits_Sx1xV, new_cache = qwen2.apply_unrolled_paged(config, params, layers, head_ExV, fed_S[:, None],
                                                                  position_S, cache)
         elif is_paged:
             logits_Sx1xV, new_cache = Qwen2ForCausalLM(config).apply(
                 {"params": params}, fed_S[:, None], position_S, cache, method=Qwen2ForCausalLM.decode_paged)
-        elif unrolled:
-            logits_Sx1xV, new_cache = qwen2.apply_unrolled(config, params, layers, head_ExV, fed_S[:, None],
-                                                           position_S[:, None], every_key_SxT, cache, position_S)
         else:
-            logits_Sx1xV, new_cache = Qwen2ForCausalLM(config).apply(
-                {"params": params}, fed_S[:, None], position_S[:, None], every_key_SxT, cache, position_S)
+            out = [contiguous(lane, fed_S[lo:hi], position_S[lo:hi])
+                   for lane, lo, hi in zip(cache, bounds[:-1], bounds[1:])]
+            logits_Sx1xV = jnp.concatenate([logits for logits, _ in out]) if len(out) > 1 else out[0][0]
+            new_cache = tuple(lane for _, lane in out)
         index_S = jnp.minimum(s.lengths_S, M - 1)
         token_S, logprob_S = sample_tokens(logits_Sx1xV[:, 0], s.uniforms_SxMx2[rows, index_S], sampling)
         token_S = jnp.where(live_S, token_S, 0)
@@ -196,14 +230,49 @@ def _decode(config: Qwen2Config, sampling: SamplingConfig, steps: int, params, c
 
 
 @jax.jit
-def _compact(cache, slots: Slots, rows_K):
-    """The slots rows_K, in that order: their state and (contiguous layout) their caches."""
-    def take(c: KVCache) -> KVCache:
+def _compact(cache, slots: Slots, rows_K, lane_rows):
+    """The slots rows_K, in that order: their state and (contiguous layout) their caches, lane l
+    keeping its rows lane_rows[l] (numbered within the lane)."""
+    def take(c: KVCache, rows) -> KVCache:
         axis = c.k.ndim - 4  # the slot axis, after the layer axis if stacked
-        return KVCache(k=jnp.take(c.k, rows_K, axis=axis), v=jnp.take(c.v, rows_K, axis=axis))
-    if not _is_paged(cache):
-        cache = [take(c) for c in cache] if isinstance(cache, list) else take(cache)
+        return KVCache(k=jnp.take(c.k, rows, axis=axis), v=jnp.take(c.v, rows, axis=axis))
+    if not _is_paged(cache):  # (None: the lane keeps its rows as they are)
+        cache = tuple(lane if rows is None else _each_layer(functools.partial(take, rows=rows), lane)
+                      for lane, rows in zip(cache, lane_rows))
     return cache, jax.tree_util.tree_map(lambda x: x[rows_K], slots)
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _exchange(cache, slots: Slots, short_K, long_K):
+    """Contiguous lanes: slot short_K[k] of the short lane and slot long_K[k] of the long lane (slot
+    numbers of the whole engine; padding pairs point past both) trade their state and cache rows,
+    the first min(lane lengths) positions (which hold every token of both rows)."""
+    short, long = cache
+    offset = _lane_rows(short)
+    n = min(_lane_length(short), _lane_length(long))
+
+    def trade(a, b, length_axis):  # a short lane's and the long lane's array of one kind
+        axis = a.ndim - 4
+        def at(rows):
+            index = [slice(None)] * a.ndim
+            index[axis], index[length_axis] = rows, slice(0, n)
+            return tuple(index)
+        a_rows = jnp.take(a, short_K, axis=axis, mode="clip")[at(slice(None))]
+        b_rows = jnp.take(b, long_K - offset, axis=axis, mode="clip")[at(slice(None))]
+        return a.at[at(short_K)].set(b_rows, mode="drop"), b.at[at(long_K - offset)].set(a_rows, mode="drop")
+
+    def trade_cache(a: KVCache, b: KVCache):
+        (ak, bk), (av, bv) = trade(a.k, b.k, a.k.ndim - 1), trade(a.v, b.v, a.v.ndim - 2)
+        return KVCache(k=ak, v=av), KVCache(k=bk, v=bv)
+
+    if isinstance(short, list):
+        pairs = [trade_cache(a, b) for a, b in zip(short, long)]
+        cache = ([a for a, _ in pairs], [b for _, b in pairs])
+    else:
+        cache = trade_cache(short, long)
+    slots = jax.tree_util.tree_map(
+        lambda x: x.at[short_K].set(x[long_K], mode="drop").at[long_K].set(x[short_K], mode="drop"), slots)
+    return cache, slots
 
 
 @jax.jit
@@ -213,22 +282,41 @@ def _rows(slots: Slots, rows_K):
 
 
 def _contiguous(config: Qwen2Config, slots: int, length: int, per_layer: bool):
+    """One lane of contiguous caches: a KVCache with a layer axis, or one per layer."""
     cache = KVCache.zeros(config, slots, length)
     return [KVCache(k=cache.k[i], v=cache.v[i]) for i in range(config.num_hidden_layers)] if per_layer else cache
 
 
 def _is_paged(cache) -> bool:
-    return isinstance(cache[0] if isinstance(cache, list) else cache, paged.PagedKVCache)
+    """A page pool (or one per layer), else a tuple of contiguous lanes."""
+    return not isinstance(cache, tuple)
+
+
+def _each_layer(fn, lane):
+    return [fn(c) for c in lane] if isinstance(lane, list) else fn(lane)
+
+
+def _lane_rows(lane) -> int:
+    return (lane[0] if isinstance(lane, list) else lane).v.shape[-4]
+
+
+def _lane_length(lane) -> int:
+    return (lane[0] if isinstance(lane, list) else lane).length
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _resize(cache, length: int):
-    """Contiguous slot caches cut or extended (with empty slots) to `length` slots."""
+def _resize_lane(lane, length: int):
+    """A contiguous lane cut or extended (with empty positions) to `length` positions."""
     def fit(c: KVCache) -> KVCache:
         if c.length >= length:
             return KVCache(k=c.k[..., :length], v=c.v[..., :length, :])
         return c.pad(length - c.length)
-    return [fit(c) for c in cache] if isinstance(cache, list) else fit(cache)
+    return _each_layer(fit, lane)
+
+
+def _resize(cache, lengths: tuple[int, ...]):
+    """Contiguous lanes at lengths[l] positions: one copy of each lane whose length changes."""
+    return tuple(lane if _lane_length(lane) == n else _resize_lane(lane, n) for lane, n in zip(cache, lengths))
 
 
 @dataclasses.dataclass
@@ -275,6 +363,9 @@ class _Pages:
     def keep(self, rows: Sequence[int]) -> None:
         self.table, self.held = self.table[rows], self.held[rows]
 
+    def swap(self, a: int, b: int) -> None:  # (slots of one shard)
+        self.table[[a, b]], self.held[[a, b]] = self.table[[b, a]], self.held[[b, a]]
+
 
 class Engine:
     """Continuous batching for one model's params on one device, or on a mesh with its slots split
@@ -285,6 +376,9 @@ class Engine:
         if engine.slots % shards:
             raise ValueError(f"engine slots={engine.slots} do not split over {shards} data-parallel devices; "
                              f"use a multiple of {shards}")
+        if engine.long_slots and shards > 1:
+            raise ValueError(f"engine lanes (long_slots={engine.long_slots}) run on one device; on a mesh of "
+                             f"{shards} data-parallel devices use long_slots=0")
         self.config, self.params, self.sampling, self.engine = config, params, sampling, engine
         self.layer_loop = layer_loop
         self.shards = shards
@@ -323,9 +417,12 @@ class Engine:
         per_layer = self.layer_loop == "unrolled"
         if is_paged:
             cache = paged.PagedKVCache.zeros(cfg, pool, ps, per_layer=per_layer)
-        else:  # span-sized contiguous caches, at least the padded prompts' width (admissions write it)
+            sizes = [S]
+        else:  # span-sized contiguous lanes, at least the padded prompts' width (admissions write it)
             length = self._span(width, width, pages_per_slot * ps)
-            cache = _contiguous(cfg, S, length, per_layer)
+            sizes = [S - e.long_slots, e.long_slots] if e.long_slots else [S]
+            cache = tuple(_contiguous(cfg, n, length, per_layer) for n in sizes)
+        long_from = e.long_from or max(width + e.segment, (longest + M) // 4)  # (tokens)
         slots = Slots.empty(S, M)
         pages = _Pages(pool, shards, S, pages_per_slot)
         free_slots = set(range(S))
@@ -379,23 +476,36 @@ class Engine:
                 admit.append(slot)
             if admit:
                 cache, slots = self._admit(cache, slots, prompts, admit, owner, pages.table, width, rng)
-            # the tail: no work is left and the busy slots fit in half the rows. They move to the front
-            # of their shard's rows and decoding goes on with fewer rows (one copy per halving).
-            per_shard = [sorted(s for s in owner if pages.shard(s) == d) for d in range(shards)]
-            fewer = shards * _bucket(max(1, *map(len, per_shard)), S)
-            if not queue and not fed and fewer <= S // 2:
-                rows = []
-                for d, busy_d in enumerate(per_shard):
-                    idle_d = [s for s in range(d * S // shards, (d + 1) * S // shards) if s not in owner]
-                    rows += busy_d + idle_d[:fewer // shards - len(busy_d)]
-                S = fewer
-                cache, slots = _compact(cache, slots, np.asarray(rows, np.int32))
-                new = {old: k for k, old in enumerate(rows)}
-                owner = {new[s]: w for s, w in owner.items()}
-                admitted = {new[s]: a for s, a in admitted.items()}
-                pages.keep(rows)
-                lengths = lengths[rows]
-                free_slots = set(range(S)) - set(owner)
+            # the tail: no work is left and the busy slots fit in half the rows of their shard (or
+            # lane). They move to the front of its rows and decoding goes on with fewer rows (one
+            # copy per halving).
+            if not queue and not fed:
+                groups = ([(d * S // shards, (d + 1) * S // shards) for d in range(shards)] if len(sizes) == 1
+                          else [(0, sizes[0]), (sizes[0], S)])
+                busy_g = [sorted(s for s in owner if lo <= s < hi) for lo, hi in groups]
+                fewer = [_bucket(max(1, len(b)), hi - lo) for b, (lo, hi) in zip(busy_g, groups)]
+                if len(sizes) == 1:  # shards keep equal shares
+                    fewer = [max(fewer)] * shards
+                fewer = [n if n <= (hi - lo) // 2 else hi - lo for n, (lo, hi) in zip(fewer, groups)]
+                if sum(fewer) < S:
+                    kept = [list(range(lo, hi)) if n == hi - lo  # (a lane that does not shrink stays as it is)
+                            else busy_d + [s for s in range(lo, hi) if s not in owner][:n - len(busy_d)]
+                            for busy_d, n, (lo, hi) in zip(busy_g, fewer, groups)]
+                    rows = [s for group in kept for s in group]
+                    S = sum(fewer)
+                    if len(sizes) > 1:
+                        sizes = fewer
+                        lane_rows = tuple(None if n == hi - lo else np.asarray(group, np.int32) - lo
+                                          for group, n, (lo, hi) in zip(kept, fewer, groups))
+                    else:
+                        sizes, lane_rows = [S], (np.asarray(rows, np.int32),)
+                    cache, slots = _compact(cache, slots, np.asarray(rows, np.int32), () if is_paged else lane_rows)
+                    new = {old: k for k, old in enumerate(rows)}
+                    owner = {new[s]: w for s, w in owner.items()}
+                    admitted = {new[s]: a for s, a in admitted.items()}
+                    pages.keep(rows)
+                    lengths = lengths[rows]
+                    free_slots = set(range(S)) - set(owner)
             # every busy slot's pages for the next segment; short of pages in a shard, its latest
             # admitted slots give way
             while True:
@@ -412,15 +522,18 @@ class Engine:
                 self.preempted += 1
             for s, n in need.items():
                 pages.give(s, n)
+            if len(sizes) > 1:  # rows past long_from move to the long lane (see the module docstring)
+                cache, slots = self._to_long_lane(cache, slots, sizes, need, owner, admitted, lengths, pages,
+                                                  free_slots, long_from, width, pages_per_slot * ps)
             busy = np.zeros(S, bool)
             busy[list(owner)] = True
             if is_paged:
                 table_now = pages.table[:, :_bucket(int(pages.held.max()), pages_per_slot)]
-            else:  # the cache the busy slots read this segment, resized when its bucket changes
+            else:  # the cache each lane's busy slots read this segment, resized when its bucket changes
                 table_now = np.zeros((S, 0), np.int32)
-                length = self._span(max(n for n in need.values()) * ps, width, pages_per_slot * ps)
-                if length != (cache[0] if per_layer else cache).length:
-                    cache = _resize(cache, length)
+                spans = self._lane_spans(sizes, need, width, pages_per_slot * ps)
+                if spans != tuple(_lane_length(lane) for lane in cache):
+                    cache = _resize(cache, spans)
             cache, slots = _decode(cfg, self.sampling, e.segment, self.params, cache, slots,
                                    table_now, busy)
             # (every host takes part in a read-back that spans several: sharding.to_host)
@@ -443,6 +556,51 @@ class Engine:
                 i = taken[next_out]
                 yield i, [results.pop(i * G + j) for j in range(G)]
                 next_out += 1
+
+    def _lane_spans(self, sizes, need: dict[int, int], width: int, most: int) -> tuple[int, ...]:
+        """Each contiguous lane's length: the span its busy slots need this segment (`need`: pages)."""
+        bounds = np.cumsum([0] + list(sizes))
+        return tuple(self._span(max((n for s, n in need.items() if lo <= s < hi), default=0) * self.engine.page_size,
+                                width, most) for lo, hi in zip(bounds[:-1], bounds[1:]))
+
+    def _to_long_lane(self, cache, slots, sizes, need, owner, admitted, lengths, pages, free_slots, long_from, width,
+                      most):
+        """Short-lane rows whose next segment goes past long_from tokens trade places with free
+        long-lane slots, then with long-lane rows that are still short (the longest and the shortest
+        first). The bookkeeping (need, owner, admitted, lengths, pages, free_slots) follows them."""
+        ps, n0 = self.engine.page_size, sizes[0]
+        up = sorted((s for s in owner if s < n0 and need[s] * ps > long_from), key=lambda s: (-need[s], s))
+        if not up:
+            return cache, slots
+        down = (sorted(s for s in free_slots if s >= n0)
+                + sorted((s for s in owner if s >= n0 and need[s] * ps <= long_from), key=lambda s: (need[s], s)))
+        pairs = list(zip(up, down))
+        if not pairs:
+            return cache, slots
+        for a, b in pairs:
+            for book in (owner, admitted, need):
+                va, vb = book.pop(a, None), book.pop(b, None)
+                if va is not None:
+                    book[b] = va
+                if vb is not None:
+                    book[a] = vb
+            lengths[[a, b]] = lengths[[b, a]]
+            pages.swap(a, b)
+            if b in free_slots:
+                free_slots.remove(b)
+                free_slots.add(a)
+        # grow the lanes to what their new rows need (never shorter than their rows now: _exchange
+        # copies min(lane lengths) positions, which then hold every token of both rows of a pair);
+        # the short lane shrinks after the trade
+        now = tuple(_lane_length(lane) for lane in cache)
+        grown = tuple(max(x, y) for x, y in zip(now, self._lane_spans(sizes, need, width, most)))
+        if grown != now:
+            cache = _resize(cache, grown)
+        S = sum(sizes)
+        count = _bucket(len(pairs), S)
+        short_K, long_K = np.full(count, S, np.int32), np.full(count, S, np.int32)
+        short_K[:len(pairs)], long_K[:len(pairs)] = zip(*pairs)
+        return _exchange(cache, slots, short_K, long_K)
 
     @staticmethod
     def _span(tokens: int, width: int, most: int) -> int:
@@ -506,12 +664,19 @@ class Stream:
 
 def stream_on_engine(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
                      seed: int = 0, mesh=None, host_threads: int = 1, slots: int = 0, segment: int = 16,
-                     pages: int = 0, page_size: int = 64) -> Stream:
+                     pages: int = 0, page_size: int = 64, lanes: int = 0) -> Stream:
     """(i, prompt i's answers) in prompt order, each as soon as it and every earlier prompt are done
     (`dapo_jax.sampling.generate_stream` once its arguments are checked): `slots` rows (0 = every
     answer at once), split over `host_threads` engines side by side on one device, each with its
     share of the slots and pages and every host_threads-th prompt; on a mesh, one engine whose rows
-    are split over the data-parallel axes. Closing the stream stops every engine."""
+    are split over the data-parallel axes. Closing the stream stops every engine. `lanes` = 2 splits
+    each engine's slots into a short and a long lane where the cache is contiguous (pages = 0) and on
+    one device (see the module docstring); 1 = one lane; 0 = 2 on CPU, 1 elsewhere (a step runs the
+    model once per lane, so it reads the weights twice: measured a gain on CPU only)."""
+    if lanes not in (0, 1, 2):
+        raise ValueError(f"lanes={lanes}: use 1 (one contiguous cache for every slot), 2 (a short and a long lane) "
+                         f"or 0 (2 on CPU, 1 elsewhere)")
+    lanes = lanes or (2 if jax.default_backend() == "cpu" else 1)
     threads = max(1, min(host_threads, len(prompts)))
     G = sampling.num_samples
     total = slots or -(-len(prompts) // threads) * threads * G
@@ -519,6 +684,8 @@ def stream_on_engine(config: Qwen2Config, params, prompts: Sequence[Sequence[int
     size = EngineConfig(slots=-(-max(1, -(-total // threads)) // data_parallel) * data_parallel,
                         page_size=page_size, pages=pages // threads // data_parallel * data_parallel,
                         segment=segment)
+    if lanes == 2 and not pages and mesh is None and size.slots > 1:
+        size = dataclasses.replace(size, long_slots=size.slots // 2)
     engines = [Engine(config, params, sampling, size, prompt_bucket=sampling.prompt_bucket,
                       layer_loop=sampling.layer_loop, shards=data_parallel) for _ in range(threads)]
     rng = jax.random.key(seed)

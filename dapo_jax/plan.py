@@ -354,7 +354,7 @@ def compile_sampler(model_cfg: qwen2.Qwen2Config, call: SamplerCall, mesh) -> tu
             table_width, admit_pages = call.pages_per_slot, call.prompt_length // ps
         else:  # every slot's stretch at the longest span
             length = call.pages_per_slot * ps
-            kv = jax.eval_shape(lambda: engine._contiguous(model_cfg, S, length, call.per_layer))
+            kv = jax.eval_shape(lambda: (engine._contiguous(model_cfg, S, length, call.per_layer),))  # one lane
             cache = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
                 mesh, sharding.logical_to_spec(qwen2.V_CACHE_AXES[-x.ndim:], x.shape, shape)[0])), kv)
             table_width, admit_pages = 0, 0

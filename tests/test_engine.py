@@ -89,6 +89,85 @@ def test_a_stream_stopped_early_decodes_no_more(model, monkeypatch):
     assert len(steps) - every < every
 
 
+@pytest.mark.parametrize("layer_loop", ["unrolled", "scan"])
+def test_long_answers_move_to_the_long_lane_and_keep_their_tokens(model, monkeypatch, layer_loop):
+    """Rows growing past long_from trade places with the long lane's free or short rows (their cache
+    rows and state), each lane is resized and compacted on its own, and every answer keeps the
+    tokens and log-probs one lane gives."""
+    config, params = model
+    spec = sampling.SamplingConfig(max_new_tokens=40, temperature=1.0, top_k=50, num_samples=3,
+                                   eos_ids=tuple(range(10, 40)), layer_loop=layer_loop)
+    trades, compactions, spans = [], [], []
+    exchange, compact, decode = engine._exchange, engine._compact, engine._decode
+
+    def spy_exchange(cache, slots, short_K, long_K):
+        trades.append(int((short_K < len(slots.done_S)).sum()))
+        return exchange(cache, slots, short_K, long_K)
+
+    def spy_compact(cache, slots, rows, lane_rows):
+        compactions.append(tuple(None if r is None else len(r) for r in lane_rows))
+        return compact(cache, slots, rows, lane_rows)
+
+    def spy_decode(config, spec, steps, params, cache, *rest):
+        spans.append(tuple((engine._lane_rows(lane), engine._lane_length(lane)) for lane in cache))
+        return decode(config, spec, steps, params, cache, *rest)
+
+    one = engine.Engine(config, params, spec, engine.EngineConfig(slots=6, page_size=8, segment=4), prompt_bucket=8,
+                        layer_loop=layer_loop)
+    rng = jax.random.key(7)
+    want = one.run(PROMPTS, rng)
+    assert 1 < np.mean([len(r.tokens) for r in want]) < 40
+    monkeypatch.setattr(engine, "_exchange", spy_exchange)
+    monkeypatch.setattr(engine, "_compact", spy_compact)
+    monkeypatch.setattr(engine, "_decode", spy_decode)
+    for long_slots in ((2, 3) if layer_loop == "unrolled" else (3,)):
+        trades.clear(), compactions.clear(), spans.clear()
+        lanes = engine.Engine(config, params, spec, engine.EngineConfig(slots=6, page_size=8, segment=4,
+                                                                        long_slots=long_slots, long_from=40),
+                              prompt_bucket=8, layer_loop=layer_loop)
+        got = lanes.run(PROMPTS, rng)
+        assert [r.tokens for r in got] == [r.tokens for r in want], long_slots
+        assert [r.truncated for r in got] == [r.truncated for r in want]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.logprobs, w.logprobs, atol=2e-5)
+        assert sum(trades) >= 3 and compactions, (trades, compactions)
+        assert compactions and all(len(sizes) == 2 for sizes in compactions)
+        assert any(short[1] < long[1] for short, long in spans)  # the short lane read a shorter cache
+
+
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_an_exchange_trades_two_rows_between_the_lanes_and_touches_nothing_else(per_layer):
+    config = qwen2.preset("tiny", num_hidden_layers=2)
+    rng = np.random.RandomState(0)
+
+    def lane(rows, length):
+        cache = engine._contiguous(config, rows, length, per_layer)
+        return jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), cache)
+
+    short, long = lane(3, 8), lane(2, 12)
+    slots = engine.Slots.empty(5, 4)
+    slots = slots.replace(tokens_SxM=jnp.arange(20, dtype=jnp.int32).reshape(5, 4), lengths_S=jnp.arange(5) + 1)
+    # slot 1 (short lane) <-> slot 4 (the long lane's row 1); the second pair is padding (slot 5 = none)
+    before = jax.tree_util.tree_map(np.asarray, (short, long, slots))  # (the call gives its inputs up)
+    (new_short, new_long), new_slots = engine._exchange((short, long), slots, np.asarray([1, 5], np.int32),
+                                                        np.asarray([4, 5], np.int32))
+    short, long, slots = before
+    layers = lambda c: c if per_layer else [c]  # noqa: E731
+    for a, b, a2, b2 in zip(layers(short), layers(long), layers(new_short), layers(new_long)):
+        for name, length_axis in (("k", -1), ("v", -2)):
+            x, y, x2, y2 = (np.asarray(getattr(c, name)) for c in (a, b, a2, b2))
+            x, y, x2, y2 = (np.moveaxis(z, -4, 0) for z in (x, y, x2, y2))  # the slot axis first
+            cut = lambda z: np.take(z, range(8), axis=length_axis)  # noqa: E731
+            np.testing.assert_array_equal(x2[1], cut(y[1]))
+            np.testing.assert_array_equal(cut(y2[1]), x[1])
+            np.testing.assert_array_equal(np.take(y2[1], range(8, 12), axis=length_axis),
+                                          np.take(y[1], range(8, 12), axis=length_axis))
+            np.testing.assert_array_equal(x2[[0, 2]], x[[0, 2]])
+            np.testing.assert_array_equal(y2[0], y[0])
+    np.testing.assert_array_equal(np.asarray(new_slots.tokens_SxM)[[0, 4, 2, 3, 1]], np.asarray(slots.tokens_SxM))
+    np.testing.assert_array_equal(np.asarray(new_slots.lengths_S), [1, 5, 3, 4, 2])
+
+
 def test_a_short_pool_preempts_and_recomputes_the_same_answers(model):
     config, params = model
     sampling_config = sampling.SamplingConfig(max_new_tokens=40, temperature=1.0, num_samples=2)
