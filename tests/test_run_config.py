@@ -17,9 +17,24 @@ def load(name, arg=None):
 
 @pytest.mark.parametrize("name,devices", [("synthetic_tiny.py", 1), ("synthetic_tiny.py", 8),
                                           ("dapo_qwen2_5_32b.py", 16), ("qwen2_5_0_5b.py", 8),
-                                          ("qwen2_5_1_5b.py", 8), ("qwen2_5_7b.py", 8), ("ladder.py", 1)])
+                                          ("qwen2_5_1_5b.py", 8), ("qwen2_5_7b.py", 8), ("ladder.py", 1),
+                                          ("dynamics.py", 1)])
 def test_shipped_configs_validate(name, devices):
     config_lib.validate(load(name), devices)
+
+
+def test_the_dynamics_study_s_arms_differ_from_the_full_recipe_in_one_field_each():
+    def flat(c, prefix=""):
+        return {k: v for key, node in c.items()
+                for k, v in (flat(node, f"{prefix}{key}.").items() if hasattr(node, "items") else [(prefix + key, node)])}
+    base = flat(load("dynamics.py", "dapo"))
+    assert (base["algorithm.clip_low"], base["algorithm.clip_high"], base["algorithm.agg_mode"]) == (0.2, 0.28, "token-mean")
+    for arm, changed in (("symmetric_clip", {"algorithm.clip_high": 0.2}),
+                         ("seq_mean_token_mean", {"algorithm.agg_mode": "seq-mean-token-mean"})):
+        config = load("dynamics.py", arm)
+        config_lib.validate(config, 1)
+        other = flat(config)
+        assert {k: v for k, v in other.items() if base[k] != v} == changed, arm
 
 
 def test_the_32b_config_is_the_papers_recipe():
