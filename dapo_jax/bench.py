@@ -224,10 +224,10 @@ def bench_engine(args) -> dict:
         "batch": lambda stop: sampling.generate_batched(config, params, prompts, eos_ids=stop, **common),
         "engine": lambda stop: sampling.generate(config, params, prompts, eos_ids=stop, slots=args.slots,
                                                  page_size=args.page_size, segment=args.segment, **common),
-        # the engine before its slots split into a short and a long lane
-        "engine_one_lane": lambda stop: sampling.generate(config, params, prompts, eos_ids=stop, slots=args.slots,
-                                                          page_size=args.page_size, segment=args.segment, lanes=1,
-                                                          **common),
+        # the engine with its slots split into a short and a long lane
+        "engine_lanes": lambda stop: sampling.generate(config, params, prompts, eos_ids=stop, slots=args.slots,
+                                                       page_size=args.page_size, segment=args.segment, lanes=2,
+                                                       **common),
     }
     out = {"bench": "engine", "model": args.checkpoint, "prompts": args.prompts, "samples": args.samples,
            "new_tokens": args.new_tokens, "stop_ids": args.stop_ids, "slots": args.slots, "segment": args.segment,
@@ -235,7 +235,7 @@ def bench_engine(args) -> dict:
            "host_threads": {"batch": args.host_threads or sampling.auto_host_threads(config, args.prompts, args.samples),
                             "engine": args.host_threads or sampling.auto_host_threads(config, args.prompts,
                                                                                      args.samples, args.slots)}}
-    out["host_threads"]["engine_one_lane"] = out["host_threads"]["engine"]
+    out["host_threads"]["engine_lanes"] = out["host_threads"]["engine"]
     compiling = _compile_seconds()
     for name in args.samplers.split(","):
         run = runs[name]
@@ -261,7 +261,7 @@ def bench_engine(args) -> dict:
                                      "compile_s_in_runs": round(compile_s, 2)}
         out[f"{name}/long_tail_vs_full"] = round(out[f"{name}/long_tail"]["tokens_per_s"] /
                                                  out[f"{name}/full"]["tokens_per_s"], 3)
-    for peer in ("batch", "engine_one_lane"):
+    for peer in ("batch", "engine_lanes"):
         if "engine/full" in out and f"{peer}/full" in out:
             for tail in ("full", "long_tail"):
                 out[f"engine_vs_{peer}/{tail}"] = round(out[f"engine/{tail}"]["tokens_per_s"] /
@@ -371,7 +371,7 @@ def main(argv=None):
     e.add_argument("--host-threads", type=int, default=None)
     e.add_argument("--repeats", type=int, default=3, help="timed runs of each (the median is reported)")
     e.add_argument("--max-warmups", type=int, default=3, help="untimed runs at most, until one compiles nothing")
-    e.add_argument("--samplers", default="batch,engine", help="comma-separated: batch, engine, engine_one_lane")
+    e.add_argument("--samplers", default="batch,engine", help="comma-separated: batch, engine, engine_lanes")
     e.add_argument("--seed", type=int, default=0)
     a = sub.add_parser("attention", help="attention implementations against dense: differences and fwd+bwd time")
     a.add_argument("--implementations", default="dense,blockwise",

@@ -33,7 +33,8 @@ own longest row: a slot whose answer grows past `long_from` tokens trades places
 state, one copy each way) with a free slot of the long lane, or else with a long-lane row that is
 still short (admissions fill both lanes), so the short lane's rows keep reading a short span. With
 no such slot, rows stay where they are and the short lane's span grows (correct, only slower). A
-step runs the model once per lane.
+step runs the model once per lane; `dapo_jax.generate(lanes=2)` turns lanes on (measured slower on
+the CPU bench at a 1,024-token cap: see the README).
 
 Determinism: the random numbers of (prompt i, sample j) come from its row index i * G + j in the
 request (as in `dapo_jax.sampling`), and every decision of the host loop follows from what the
@@ -664,19 +665,17 @@ class Stream:
 
 def stream_on_engine(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
                      seed: int = 0, mesh=None, host_threads: int = 1, slots: int = 0, segment: int = 16,
-                     pages: int = 0, page_size: int = 64, lanes: int = 0) -> Stream:
+                     pages: int = 0, page_size: int = 64, lanes: int = 1) -> Stream:
     """(i, prompt i's answers) in prompt order, each as soon as it and every earlier prompt are done
     (`dapo_jax.sampling.generate_stream` once its arguments are checked): `slots` rows (0 = every
     answer at once), split over `host_threads` engines side by side on one device, each with its
     share of the slots and pages and every host_threads-th prompt; on a mesh, one engine whose rows
     are split over the data-parallel axes. Closing the stream stops every engine. `lanes` = 2 splits
     each engine's slots into a short and a long lane where the cache is contiguous (pages = 0) and on
-    one device (see the module docstring); 1 = one lane; 0 = 2 on CPU, 1 elsewhere (a step runs the
-    model once per lane, so it reads the weights twice: measured a gain on CPU only)."""
-    if lanes not in (0, 1, 2):
-        raise ValueError(f"lanes={lanes}: use 1 (one contiguous cache for every slot), 2 (a short and a long lane) "
-                         f"or 0 (2 on CPU, 1 elsewhere)")
-    lanes = lanes or (2 if jax.default_backend() == "cpu" else 1)
+    one device (see the module docstring). Off by default: a step runs the model once per lane, and
+    on the CPU bench (cap 1,024) that cost more than the shorter attention saved (README)."""
+    if lanes not in (1, 2):
+        raise ValueError(f"lanes={lanes}: use 1 (one contiguous cache for every slot) or 2 (a short and a long lane)")
     threads = max(1, min(host_threads, len(prompts)))
     G = sampling.num_samples
     total = slots or -(-len(prompts) // threads) * threads * G

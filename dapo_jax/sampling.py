@@ -341,7 +341,7 @@ def generate(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, m
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
              num_samples: int = 1, seed: int = 0, mesh=None, prompt_bucket: int = 32,
              layer_loop: str = "auto", host_threads: int | None = None, slots: int = 0, segment: int = 16,
-             pages: int = 0, page_size: int = 64, lanes: int = 0) -> GenerateOutput:
+             pages: int = 0, page_size: int = 64, lanes: int = 1) -> GenerateOutput:
     """Sample `num_samples` continuations of every prompt (lists of token ids), on the rollout engine
     (`dapo_jax.engine`: continuous batching; `slots` rows decode at once, 0 = every answer at once,
     and as answers finish with no work left the busy rows are compacted into fewer).
@@ -357,7 +357,7 @@ def generate(config: Qwen2Config, params, prompts: Sequence[Sequence[int]], *, m
     other cores to work. None picks `auto_host_threads`. `segment` is the number of decode steps
     between admissions; `pages` > 0 caps the KV cache at a pool of that many pages of `page_size`
     tokens (see `dapo_jax.engine`); `lanes` = 2 gives long answers slots of their own, so the others'
-    attention reads a shorter cache (contiguous caches on one device; 1 = one lane; 0 = 2 on CPU).
+    attention reads a shorter cache (contiguous caches on one device; 1 = one lane, the default).
     """
     from dapo_jax import engine
 
@@ -373,7 +373,7 @@ def generate_stream(config: Qwen2Config, params, prompts: Sequence[Sequence[int]
                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
                     num_samples: int = 1, seed: int = 0, mesh=None, prompt_bucket: int = 32,
                     layer_loop: str = "auto", host_threads: int | None = None, slots: int = 0, segment: int = 16,
-                    pages: int = 0, page_size: int = 64, lanes: int = 0):
+                    pages: int = 0, page_size: int = 64, lanes: int = 1):
     """`generate` as a stream: (i, [Result(tokens, logprobs, truncated)] * num_samples) for prompt i,
     in prompt order, each as soon as it and every earlier prompt are done. The same answers as
     `generate`. Stop iterating (or close the generator) and the engine stops: work not yet admitted

@@ -43,13 +43,13 @@ def test_sampled_answers_do_not_depend_on_slots_threads_or_pool(model, layer_loo
                   eos_ids=tuple(range(10, 40)), layer_loop=layer_loop)
     reference = sampling.generate_batched(config, params, PROMPTS, host_threads=1, **kwargs)
     assert 1 < np.mean(reference.lengths) < 40 and any(reference.truncated) and not all(reference.truncated)
-    settings = ((18, 1, 0), (5, 1, 0), (3, 1, 0), (8, 2, 0), (4, 1, 9))
+    settings = ((18, 1, 0, 1), (5, 1, 0, 1), (3, 1, 0, 1), (8, 2, 0, 1), (4, 1, 9, 1), (5, 1, 0, 2))
     if layer_loop == "scan":  # the layer loop is below the engine's bookkeeping: fewer slots, and a pool
         settings = settings[1::3]
-    for slots, threads, pages in settings:
+    for slots, threads, pages, lanes in settings:
         out = sampling.generate(config, params, PROMPTS, slots=slots, host_threads=threads, pages=pages, page_size=8,
-                              segment=6, **kwargs)
-        assert out.tokens == reference.tokens, (slots, threads, pages)
+                                segment=6, lanes=lanes, **kwargs)
+        assert out.tokens == reference.tokens, (slots, threads, pages, lanes)
         assert out.truncated == reference.truncated and out.lengths == reference.lengths
         for got, want in zip(out.logprobs, reference.logprobs):
             np.testing.assert_allclose(got, want, atol=2e-5)
