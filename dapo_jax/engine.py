@@ -571,8 +571,6 @@ class Engine:
         first). The bookkeeping (need, owner, admitted, lengths, pages, free_slots) follows them."""
         ps, n0 = self.engine.page_size, sizes[0]
         up = sorted((s for s in owner if s < n0 and need[s] * ps > long_from), key=lambda s: (-need[s], s))
-        if not up:
-            return cache, slots
         down = (sorted(s for s in free_slots if s >= n0)
                 + sorted((s for s in owner if s >= n0 and need[s] * ps <= long_from), key=lambda s: (need[s], s)))
         pairs = list(zip(up, down))
