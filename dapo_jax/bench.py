@@ -1,14 +1,15 @@
 """Benchmarks that print one JSON line each.
 
     python -m dapo_jax.bench sampler --checkpoint random:tiny --batch 8 --prompt-len 32 --new-tokens 256 \\
-        [--vs-transformers --torch-threads 2]
+        [--samplers engine,batch] [--vs-transformers --torch-threads 2]
 
-`--checkpoint` is a Hugging Face directory or "random:<preset>[,field=value...]" (random weights of
-that shape; see dapo_jax.models.loading). With --vs-transformers the same weights run through
-Hugging Face transformers' `generate` with the same sampling settings in the same process, timed in
-alternating rounds, and the line carries both median rates and the median, min and max of the
-per-round ratios. Every row generates exactly --new-tokens tokens (no
-end-of-sequence id stops it), so tokens/s is batch * new_tokens / seconds.
+times `dapo_jax.generate` (the engine) and, with `--samplers engine,batch`, the batch sampler it
+replaced, in the same run. `--checkpoint` is a Hugging Face directory or
+"random:<preset>[,field=value...]" (random weights of that shape; see dapo_jax.models.loading). With
+--vs-transformers the same weights run through Hugging Face transformers' `generate` with the same
+sampling settings in the same process, timed in alternating rounds with each sampler, and the line
+carries the median rates and the median, min and max of the per-round ratios. Every row generates
+exactly --new-tokens tokens (no end-of-sequence id stops it), so tokens/s is batch * new_tokens / seconds.
 
     python -m dapo_jax.bench train-memory --checkpoint random:tiny,layers=2,hidden=256,vocab=151936 \
         --lengths 2048,8192,22528 [--attention blockwise]
@@ -93,36 +94,54 @@ def bench_sampler(args) -> dict:
     rng = np.random.RandomState(args.seed)
     prompts = rng.randint(0, config.vocab_size, (args.batch, args.prompt_len)).tolist()
     threads = args.host_threads or sampling.auto_host_threads(config, args.batch, 1)
+    samplers = {"engine": sampling.generate, "batch": sampling.generate_batched}
+    names = args.samplers.split(",")
+    if not names or any(n not in samplers for n in names) or len(set(names)) != len(names):
+        raise SystemExit(f"--samplers {args.samplers!r}: give distinct names from {sorted(samplers)}, comma-separated")
 
-    def run():
-        out = sampling.generate(config, params, prompts, max_new_tokens=args.new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, host_threads=threads)
-        assert sum(out.lengths) == args.batch * args.new_tokens
+    def runner(generate):
+        def run():
+            out = generate(config, params, prompts, max_new_tokens=args.new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, host_threads=threads)
+            assert sum(out.lengths) == args.batch * args.new_tokens
+        return run
 
-    first = _seconds(run)
-    ours = [_seconds(run) for _ in range(args.repeats)]
+    runs = {name: runner(samplers[name]) for name in names}
+    first = {name: _seconds(run) for name, run in runs.items()}
+    times = {name: [_seconds(run) for _ in range(args.repeats)] for name, run in runs.items()}
     tokens = args.batch * args.new_tokens
     result = {
         "bench": "sampler", "model": args.checkpoint,
         "parameters": int(sum(x.size for x in jax.tree_util.tree_leaves(params))),
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "dtype": args.dtype,
-        "compile_s": round(first - float(np.median(ours)), 2),  # first call minus a steady call
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "host_threads": threads,
     }
+    peer = []
     if args.vs_transformers:
-        # Alternate the two in rounds, so that a slow moment of a shared machine hits both.
+        # Alternate all of them in rounds, so that a slow moment of a shared machine hits each.
         peer_run = transformers_generate(config, params, prompts, args)
-        peer = []
         for _ in range(args.rounds):
             peer.append(_seconds(peer_run, args.settle))
-            ours.append(_seconds(run, args.settle))
-        ratios = sorted(p / o for p, o in zip(peer, ours[-args.rounds:]))
+            for name, run in runs.items():
+                times[name].append(_seconds(run, args.settle))
         result.update(transformers_tokens_per_s=round(tokens / float(np.median(peer)), 1),
-                      torch_threads=args.torch_threads, rounds=args.rounds,
-                      ratio_vs_transformers=round(float(np.median(ratios)), 2),
-                      ratio_min=round(ratios[0], 2), ratio_max=round(ratios[-1], 2))
-    steady = float(np.median(ours))
-    result.update(tokens_per_s=round(tokens / steady, 1), step_ms=round(1000 * steady / args.new_tokens, 3))
+                      torch_threads=args.torch_threads, rounds=args.rounds)
+    for i, name in enumerate(names):
+        # The first sampler's figures keep the line's top-level keys; the others are prefixed by name.
+        key = (lambda k: k) if i == 0 else (lambda k, n=name: f"{n}/{k}")
+        steady = float(np.median(times[name]))
+        result[key("sampler")] = name
+        result[key("compile_s")] = round(first[name] - steady, 2)  # first call minus a steady call
+        result[key("tokens_per_s")] = round(tokens / steady, 1)
+        result[key("step_ms")] = round(1000 * steady / args.new_tokens, 3)
+        if peer:
+            ratios = sorted(p / o for p, o in zip(peer, times[name][-args.rounds:]))
+            result[key("ratio_vs_transformers")] = round(float(np.median(ratios)), 2)
+            result[key("ratio_min")], result[key("ratio_max")] = round(ratios[0], 2), round(ratios[-1], 2)
+    for name in names[1:]:
+        # the median over runs of the first sampler's rate over this one's (run i against run i)
+        pairs = list(zip(times[name], times[names[0]]))
+        result[f"{names[0]}_vs_{name}"] = round(float(np.median([b / a for b, a in pairs])), 2)
     return result
 
 
@@ -334,6 +353,9 @@ def main(argv=None):
     s.add_argument("--host-threads", type=int, default=None,
                    help="decode calls side by side on the host's cores (default: sampling.auto_host_threads)")
     s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--samplers", default="engine",
+                   help="comma-separated: engine (dapo_jax.generate), batch (sampling.generate_batched, the "
+                        "engine's predecessor); the first one's figures keep the line's top-level keys")
     s.add_argument("--vs-transformers", action="store_true", help="also time transformers' generate (float32)")
     s.add_argument("--torch-threads", type=int, default=2)
     s.add_argument("--rounds", type=int, default=3, help="alternating timed rounds of each, with --vs-transformers")

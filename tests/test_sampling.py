@@ -274,9 +274,13 @@ def test_two_stage_categorical_draw_is_exact():
 
 def test_bench_prints_one_json_line_with_the_figures(capsys):
     bench.main(["sampler", "--checkpoint", "random:tiny", "--batch", "3", "--prompt-len", "5", "--new-tokens", "6",
-                "--repeats", "1", "--host-threads", "2"])
+                "--repeats", "2", "--host-threads", "2", "--samplers", "engine,batch"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
     assert result["batch"] == 3 and result["new_tokens"] == 6 and result["host_threads"] == 2
-    assert result["tokens_per_s"] > 0 and result["device"] and "compile_s" in result
+    assert result["sampler"] == "engine" and result["batch/sampler"] == "batch"
+    assert result["tokens_per_s"] > 0 and result["batch/tokens_per_s"] > 0 and result["device"]
+    assert "compile_s" in result and "batch/compile_s" in result and result["engine_vs_batch"] > 0
+    with pytest.raises(SystemExit, match="distinct names"):
+        bench.main(["sampler", "--checkpoint", "random:tiny", "--samplers", "engine,vllm"])
