@@ -60,7 +60,7 @@ import numpy as np
 from dapo_jax import paged, sharding
 from dapo_jax.models import qwen2
 from dapo_jax.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
-from dapo_jax.sampling import SamplingConfig, sample_tokens
+from dapo_jax.sampling import SamplingConfig, sample_tokens, segment_ends, span_slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,11 +161,11 @@ def _admit(config: Qwen2Config, sampling: SamplingConfig, params, cache, slots: 
     return cache, slots
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4, 5))
-def _decode(config: Qwen2Config, sampling: SamplingConfig, steps: int, params, cache, slots: Slots, table_SxN,
-            busy_S):
-    """Up to `steps` decode steps of every busy, unfinished slot (fewer when all finish). The table
-    lists each slot's pages up to the span this call reads."""
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4, 5))
+def _decode(config: Qwen2Config, sampling: SamplingConfig, steps, params, cache, slots: Slots, table_SxN, busy_S):
+    """Up to `steps` (a traced count: one program for every segment length) decode steps of every
+    busy, unfinished slot (fewer when all finish). The table lists each slot's pages up to the span
+    this call reads."""
     M = sampling.max_new_tokens
     eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
     is_paged = _is_paged(cache)
@@ -284,8 +284,9 @@ def _rows(slots: Slots, rows_K):
 
 def _contiguous(config: Qwen2Config, slots: int, length: int, per_layer: bool):
     """One lane of contiguous caches: a KVCache with a layer axis, or one per layer."""
-    cache = KVCache.zeros(config, slots, length)
-    return [KVCache(k=cache.k[i], v=cache.v[i]) for i in range(config.num_hidden_layers)] if per_layer else cache
+    if not per_layer:
+        return KVCache.zeros(config, slots, length)
+    return [KVCache.zeros(config, slots, length, layer_axis=False) for _ in range(config.num_hidden_layers)]
 
 
 def _is_paged(cache) -> bool:
@@ -399,7 +400,7 @@ class Engine:
         each as soon as it and every prompt taken before it are done. Sample j of prompt i draws the
         random stream of row i * G + j. The engine takes the next prompt with `take()` (an index
         into `prompts`, None once there are none left; default: each in order) whenever its free
-        slots outnumber its waiting work, so several engines can share one feed. Nothing more is
+        slots are at least its waiting work, so several engines can share one feed. Nothing more is
         decoded once the caller stops iterating or `stop()` returns True (checked between segments).
         """
         cfg, e, G, M = self.config, self.engine, self.sampling.num_samples, self.sampling.max_new_tokens
@@ -420,7 +421,10 @@ class Engine:
             cache = paged.PagedKVCache.zeros(cfg, pool, ps, per_layer=per_layer)
             sizes = [S]
         else:  # span-sized contiguous lanes, at least the padded prompts' width (admissions write it)
-            length = self._span(width, width, pages_per_slot * ps)
+            # (a lane never needs more than the longest prompt and answer: rounded to whole 64-byte
+            # rows of slots, as the batch sampler's spans, not to pages)
+            longest_span = max(width, span_slots(cfg, longest, M))
+            length = self._span(width, width, longest_span)
             sizes = [S - e.long_slots, e.long_slots] if e.long_slots else [S]
             cache = tuple(_contiguous(cfg, n, length, per_layer) for n in sizes)
         long_from = e.long_from or max(width + e.segment, (longest + M) // 4)  # (tokens)
@@ -445,8 +449,18 @@ class Engine:
             admitted.pop(slot)
             free_slots.add(slot)
 
+        def need_for(steps: int) -> dict[int, int]:  # cache slots each busy row fills after `steps` steps
+            return {s: min(len(prompts[owner[s] // G]) + int(lengths[s]) + steps - 1,
+                           len(prompts[owner[s] // G]) + M - 1) for s in owner}
+
+        def shortage(need: dict[int, int]) -> list[int]:  # the pages each shard lacks for `need`
+            return [sum(max(0, pages_for(n) - pages.held[s]) for s, n in need.items() if pages.shard(s) == d)
+                    - len(pages.free[d]) for d in range(shards)]
+
         while True:
-            while fed and len(queue) < len(free_slots):  # work for every free slot, if there is any
+            # work for every free slot, if there is any (and one more prompt's, so that the engine
+            # knows when none is left)
+            while fed and len(queue) <= len(free_slots):
                 i = take()
                 if i is None:
                     fed = False
@@ -507,13 +521,22 @@ class Engine:
                     pages.keep(rows)
                     lengths = lengths[rows]
                     free_slots = set(range(S)) - set(owner)
+            steps = e.segment
+            if owner and not queue and not fed and not self.sampling.eos_ids:
+                # Nothing waits and no answer ends before its cap, so until the first busy row
+                # reaches its cap nothing happens between segments but the cache growing: the
+                # segment runs that far, or until the furthest row's answer reaches the batch
+                # sampler's next span (128, 256, 512, ... tokens), if the pages allow.
+                furthest = int(max(lengths[s] for s in owner))
+                end = next((n for n in segment_ends(M) if n > furthest), M)
+                longer = max(e.segment, min(min(M - int(lengths[s]) for s in owner), end - furthest))
+                if max(shortage(need_for(longer))) <= 0:
+                    steps = longer
             # every busy slot's pages for the next segment; short of pages in a shard, its latest
             # admitted slots give way
             while True:
-                need = {s: pages_for(min(len(prompts[owner[s] // G]) + lengths[s] + e.segment - 1,
-                                         len(prompts[owner[s] // G]) + M - 1)) for s in owner}
-                short = [sum(max(0, n - pages.held[s]) for s, n in need.items() if pages.shard(s) == d)
-                         - len(pages.free[d]) for d in range(shards)]
+                need = need_for(steps)
+                short = shortage(need)
                 d = int(np.argmax(short))
                 if short[d] <= 0:
                     break
@@ -522,21 +545,20 @@ class Engine:
                 release(victim)
                 self.preempted += 1
             for s, n in need.items():
-                pages.give(s, n)
+                pages.give(s, pages_for(n))
             if len(sizes) > 1:  # rows past long_from move to the long lane (see the module docstring)
                 cache, slots = self._to_long_lane(cache, slots, sizes, need, owner, admitted, lengths, pages,
-                                                  free_slots, long_from, width, pages_per_slot * ps)
+                                                  free_slots, long_from, width, longest_span)
             busy = np.zeros(S, bool)
             busy[list(owner)] = True
             if is_paged:
                 table_now = pages.table[:, :_bucket(int(pages.held.max()), pages_per_slot)]
             else:  # the cache each lane's busy slots read this segment, resized when its bucket changes
                 table_now = np.zeros((S, 0), np.int32)
-                spans = self._lane_spans(sizes, need, width, pages_per_slot * ps)
+                spans = self._lane_spans(sizes, need, width, longest_span)
                 if spans != tuple(_lane_length(lane) for lane in cache):
                     cache = _resize(cache, spans)
-            cache, slots = _decode(cfg, self.sampling, e.segment, self.params, cache, slots,
-                                   table_now, busy)
+            cache, slots = _decode(cfg, self.sampling, np.int32(steps), self.params, cache, slots, table_now, busy)
             # (every host takes part in a read-back that spans several: sharding.to_host)
             done, new_lengths = sharding.to_host(slots.done_S), sharding.to_host(slots.lengths_S)
             self.decode_steps += int((new_lengths[busy] - lengths[busy]).max(initial=0))
@@ -559,20 +581,21 @@ class Engine:
                 next_out += 1
 
     def _lane_spans(self, sizes, need: dict[int, int], width: int, most: int) -> tuple[int, ...]:
-        """Each contiguous lane's length: the span its busy slots need this segment (`need`: pages)."""
+        """Each contiguous lane's length: the span its busy slots need this segment (`need`: cache
+        slots by row)."""
         bounds = np.cumsum([0] + list(sizes))
-        return tuple(self._span(max((n for s, n in need.items() if lo <= s < hi), default=0) * self.engine.page_size,
-                                width, most) for lo, hi in zip(bounds[:-1], bounds[1:]))
+        return tuple(self._span(max((n for s, n in need.items() if lo <= s < hi), default=0), width, most)
+                     for lo, hi in zip(bounds[:-1], bounds[1:]))
 
     def _to_long_lane(self, cache, slots, sizes, need, owner, admitted, lengths, pages, free_slots, long_from, width,
                       most):
         """Short-lane rows whose next segment goes past long_from tokens trade places with free
         long-lane slots, then with long-lane rows that are still short (the longest and the shortest
         first). The bookkeeping (need, owner, admitted, lengths, pages, free_slots) follows them."""
-        ps, n0 = self.engine.page_size, sizes[0]
-        up = sorted((s for s in owner if s < n0 and need[s] * ps > long_from), key=lambda s: (-need[s], s))
+        n0 = sizes[0]
+        up = sorted((s for s in owner if s < n0 and need[s] > long_from), key=lambda s: (-need[s], s))
         down = (sorted(s for s in free_slots if s >= n0)
-                + sorted((s for s in owner if s >= n0 and need[s] * ps <= long_from), key=lambda s: (need[s], s)))
+                + sorted((s for s in owner if s >= n0 and need[s] <= long_from), key=lambda s: (need[s], s)))
         pairs = list(zip(up, down))
         if not pairs:
             return cache, slots

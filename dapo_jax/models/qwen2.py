@@ -278,9 +278,11 @@ class KVCache:
     v: jax.Array
 
     @classmethod
-    def zeros(cls, config: Qwen2Config, batch: int, length: int, dtype=None) -> KVCache:
-        v_shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.kv_head_dim)
-        k_shape = v_shape[:3] + (config.kv_head_dim, length)
+    def zeros(cls, config: Qwen2Config, batch: int, length: int, dtype=None, layer_axis: bool = True) -> KVCache:
+        """Empty keys [layers, B, K, D, S] and values [layers, B, K, S, D] (one layer's: no layer axis)."""
+        v_shape = (config.num_hidden_layers,) * layer_axis + (batch, config.num_key_value_heads, length,
+                                                              config.kv_head_dim)
+        k_shape = v_shape[:-2] + (config.kv_head_dim, length)
         dtype = dtype or config.compute_dtype
         return cls(k=jnp.zeros(k_shape, dtype), v=jnp.zeros(v_shape, dtype))
 
