@@ -5,7 +5,10 @@
         admit   free slots take the next work; each new prompt is prefilled once and its keys and
                 values copied into the pages of each of its samples' slots; token 0 is sampled
         decode  every busy slot decodes `segment` tokens on device (one jitted loop that stops early
-                when all are done), its pages handed out beforehand
+                when all are done), its pages handed out beforehand. Once nothing waits and no
+                stop ids are set, nothing can happen between segments until the first busy row
+                reaches its cap, so a segment runs up to that, or to the batch sampler's next span
+                (128, 256, ... answer tokens): fewer host round trips for a batch decoded at once
         collect finished slots' answers are read back; their pages and the slots are freed
 
 A slot holds one (prompt, sample) at a time, so a long answer occupies one slot while the short ones

@@ -55,6 +55,23 @@ def test_sampled_answers_do_not_depend_on_slots_threads_or_pool(model, layer_loo
             np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+def test_with_nothing_waiting_and_no_stop_ids_a_segment_runs_to_the_next_span(model, monkeypatch):
+    """Every answer decoded at once with no stop ids: nothing can change between segments before
+    the cap, so the engine decodes to the batch sampler's span ends (128, then the cap of 200) in
+    two calls, not 200 / 16, with the batch sampler's tokens. With stop ids it keeps its segments."""
+    config, params = model
+    calls = []
+    decode = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda *args: (calls.append(int(args[2])), decode(*args))[1])
+    kwargs = dict(max_new_tokens=200, temperature=1.0, num_samples=2, seed=4, host_threads=1)
+    out = sampling.generate(config, params, PROMPTS, **kwargs)
+    assert calls == [127, 72]  # (token 0 comes from the prefill)
+    assert out.tokens == sampling.generate_batched(config, params, PROMPTS, **kwargs).tokens
+    calls.clear()
+    sampling.generate(config, params, PROMPTS, eos_ids=(7,), **kwargs)
+    assert set(calls) == {16}
+
+
 def test_the_stream_gives_each_prompt_in_order_whatever_finishes_first(model, monkeypatch):
     config, params = model
     kwargs = dict(max_new_tokens=40, temperature=1.0, num_samples=2, seed=5, eos_ids=tuple(range(10, 40)))
