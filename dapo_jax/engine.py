@@ -108,10 +108,14 @@ class Slots:
 
     @classmethod
     def empty(cls, slots: int, max_new_tokens: int) -> Slots:
-        S, M = slots, max_new_tokens
-        return cls(jnp.zeros((S, M), jnp.int32), jnp.zeros((S, M), jnp.float32), jnp.zeros((S,), jnp.int32),
-                   jnp.ones((S,), bool), jnp.zeros((S,), bool), jnp.zeros((S,), jnp.int32),
-                   jnp.zeros((S, M, 2), jnp.float32))
+        return _empty_slots(slots, max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _empty_slots(S: int, M: int) -> Slots:  # (one program: one dispatch instead of one per array)
+    return Slots(jnp.zeros((S, M), jnp.int32), jnp.zeros((S, M), jnp.float32), jnp.zeros((S,), jnp.int32),
+                 jnp.ones((S,), bool), jnp.zeros((S,), bool), jnp.zeros((S,), jnp.int32),
+                 jnp.zeros((S, M, 2), jnp.float32))
 
 
 def _draws(rng, row_A, max_new_tokens: int):
@@ -285,8 +289,9 @@ def _rows(slots: Slots, rows_K):
     return slots.tokens_SxM[rows_K], slots.logprobs_SxM[rows_K], slots.stopped_S[rows_K]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _contiguous(config: Qwen2Config, slots: int, length: int, per_layer: bool):
-    """One lane of contiguous caches: a KVCache with a layer axis, or one per layer."""
+    """One lane of empty contiguous caches: a KVCache with a layer axis, or one per layer."""
     if not per_layer:
         return KVCache.zeros(config, slots, length)
     return [KVCache.zeros(config, slots, length, layer_axis=False) for _ in range(config.num_hidden_layers)]
@@ -388,7 +393,9 @@ class Engine:
         self.layer_loop = layer_loop
         self.shards = shards
         ps = engine.page_size
-        self.bucket = -(-max(prompt_bucket, 1) // ps) * ps  # prompts are padded to whole pages
+        # prompts are padded to a multiple of the bucket, whole pages for a pool (an admission writes
+        # whole padded prompts into pages)
+        self.bucket = -(-max(prompt_bucket, 1) // ps) * ps if engine.pages else max(prompt_bucket, 1)
         self.decode_steps = 0
         self.preempted = 0
         self.finished: list[int] = []  # prompts in the order their last answer finished

@@ -301,7 +301,7 @@ class SamplerCall:
     samples: int
     slots: int  # prompts x samples, a multiple of the data-parallel devices (the engine's shards)
     shards: int
-    prompt_length: int  # padded to the engine's bucket (whole pages)
+    prompt_length: int  # padded to the engine's bucket (whole pages with a pool)
     page_size: int
     pages_per_slot: int  # a slot's pages at the longest prompt + answer
     pages: int  # the pool as configured (0: contiguous per-slot caches)
@@ -328,7 +328,7 @@ def largest_sampler_call(cfg: ml_collections.ConfigDict, mesh, *, on_cpu: bool) 
                                    top_k=r.top_k, eos_ids=(0,), num_samples=samples, prompt_bucket=r.prompt_bucket,
                                    layer_loop="unrolled" if per_layer else "scan")
     ps = r.page_size
-    bucket = -(-max(r.prompt_bucket, 1) // ps) * ps  # as the engine pads prompts: whole pages
+    bucket = -(-max(r.prompt_bucket, 1) // ps) * ps if r.pages else max(r.prompt_bucket, 1)  # as the engine pads
     width = -(-cfg.data.max_prompt_length // bucket) * bucket
     pages_per_slot = max(-(-(cfg.data.max_prompt_length + r.max_response_length - 1) // ps), width // ps)
     slots = -(-prompts * samples // shards) * shards
