@@ -410,8 +410,10 @@ class Engine:
         each as soon as it and every prompt taken before it are done. Sample j of prompt i draws the
         random stream of row i * G + j. The engine takes the next prompt with `take()` (an index
         into `prompts`, None once there are none left; default: each in order) whenever its free
-        slots are at least its waiting work, so several engines can share one feed. Nothing more is
-        decoded once the caller stops iterating or `stop()` returns True (checked between segments).
+        slots are at least its waiting work (with none free and none waiting too: to learn whether
+        the feed is empty), so several engines can share one feed. Nothing more is decoded once the
+        caller stops iterating or `stop()` returns True, checked between segments (with no stop ids
+        and nothing waiting, a segment may run to the answers' next span end: up to half the cap).
         """
         cfg, e, G, M = self.config, self.engine, self.sampling.num_samples, self.sampling.max_new_tokens
         ps, S, shards = e.page_size, e.slots, self.shards

@@ -304,6 +304,7 @@ class SamplerCall:
     prompt_length: int  # padded to the engine's bucket (whole pages with a pool)
     page_size: int
     pages_per_slot: int  # a slot's pages at the longest prompt + answer
+    slot_span: int  # a contiguous cache's slots per row at the longest prompt + answer, as the engine sizes it
     pages: int  # the pool as configured (0: contiguous per-slot caches)
     per_layer: bool  # per-layer caches (the unrolled layer loop) or stacked (scan)
     spec: sampling.SamplingConfig
@@ -313,8 +314,14 @@ class SamplerCall:
         """Pages the cache holds: the pool, or every slot at full length (contiguous)."""
         return self.pages // self.shards * self.shards or self.slots * self.pages_per_slot
 
+    @property
+    def tokens_held(self) -> int:
+        """Token positions the KV cache holds: the pool's pages, or every slot's contiguous span."""
+        return self.pool_pages * self.page_size if self.pages else self.slots * self.slot_span
 
-def largest_sampler_call(cfg: ml_collections.ConfigDict, mesh, *, on_cpu: bool) -> SamplerCall:
+
+def largest_sampler_call(cfg: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2Config, mesh, *,
+                         on_cpu: bool) -> SamplerCall:
     """The run's larger engine: the rollout's (config.rollout_slots answers at once) or an evaluation
     batch's (k samples per prompt)."""
     r, e = cfg.rollout, cfg.eval
@@ -331,8 +338,10 @@ def largest_sampler_call(cfg: ml_collections.ConfigDict, mesh, *, on_cpu: bool) 
     bucket = -(-max(r.prompt_bucket, 1) // ps) * ps if r.pages else max(r.prompt_bucket, 1)  # as the engine pads
     width = -(-cfg.data.max_prompt_length // bucket) * bucket
     pages_per_slot = max(-(-(cfg.data.max_prompt_length + r.max_response_length - 1) // ps), width // ps)
+    slot_span = max(width, sampling.span_slots(model_cfg, cfg.data.max_prompt_length, r.max_response_length))
     slots = -(-prompts * samples // shards) * shards
-    return SamplerCall(phase, prompts, samples, slots, shards, width, ps, pages_per_slot, r.pages, per_layer, spec)
+    return SamplerCall(phase, prompts, samples, slots, shards, width, ps, pages_per_slot, slot_span, r.pages,
+                       per_layer, spec)
 
 
 def compile_sampler(model_cfg: qwen2.Qwen2Config, call: SamplerCall, mesh) -> tuple[Compiled, Compiled]:
@@ -353,8 +362,7 @@ def compile_sampler(model_cfg: qwen2.Qwen2Config, call: SamplerCall, mesh) -> tu
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=pool_sharding), pool)
             table_width, admit_pages = call.pages_per_slot, call.prompt_length // ps
         else:  # every slot's stretch at the longest span
-            length = call.pages_per_slot * ps
-            kv = jax.eval_shape(lambda: (engine._contiguous(model_cfg, S, length, call.per_layer),))  # one lane
+            kv = jax.eval_shape(lambda: (engine._contiguous(model_cfg, S, call.slot_span, call.per_layer),))  # one lane
             cache = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
                 mesh, sharding.logical_to_spec(qwen2.V_CACHE_AXES[-x.ndim:], x.shape, shape)[0])), kv)
             table_width, admit_pages = 0, 0
@@ -436,7 +444,7 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: str, *, slices: int = 1,
             train_compiled = _compile(lambda: update.train_step.jitted(state, batch).lower(state, batch),
                                       bytes_on_device(state) + bytes_on_device(batch))
 
-    call = largest_sampler_call(cfg, mesh, on_cpu=topology == "cpu" and jax.default_backend() == "cpu")
+    call = largest_sampler_call(cfg, model_cfg, mesh, on_cpu=topology == "cpu" and jax.default_backend() == "cpu")
     if previous is not None and _key(previous.cfg, _TRAIN_ONLY) == _key(cfg, _TRAIN_ONLY):
         decode, admit = previous.sampler, previous.admit
     else:
@@ -445,7 +453,7 @@ def make_plan(cfg: ml_collections.ConfigDict, topology: str, *, slices: int = 1,
     kv_heads = sharding.logical_to_spec(("kv_heads",), (model_cfg.num_key_value_heads,), dict(mesh.shape))[0][0]
     local_heads = model_cfg.num_key_value_heads // (mesh.shape[kv_heads] if kv_heads else 1)
     per_token = 2 * model_cfg.num_hidden_layers * local_heads * model_cfg.kv_head_dim * jnp.dtype(model_cfg.compute_dtype).itemsize
-    cache = call.pool_pages // call.shards * call.page_size * per_token
+    cache = call.tokens_held // call.shards * per_token
     return Plan(cfg, tgt, dict(mesh.shape), model_cfg, source, bytes_on_device(params),
                 bytes_on_device(state.opt_state), bytes_on_device(params) if cfg.algorithm.kl_coef else 0,
                 bytes_on_device(batch), train_compiled, decode, admit, call, bytes_on_device(sampled),
@@ -582,8 +590,7 @@ def engine_lines(plan: Plan) -> list[str]:
     """What the rollout engine holds: slots, and pages or contiguous caches, with the tokens they
     hold against every slot at full length; and how large a pool the memory left would take."""
     c = plan.call
-    full = c.pages_per_slot * c.page_size
-    tokens = c.pool_pages * c.page_size
+    full, tokens = c.pages_per_slot * c.page_size, c.tokens_held
     lines = [f"sampler: the rollout engine ({c.phase}, the larger phase): {c.prompts} prompts x {c.samples} = "
              f"{c.slots} slots ({c.slots // c.shards} per data shard)"]
     if c.pages:
@@ -591,8 +598,8 @@ def engine_lines(plan: Plan) -> list[str]:
                      f"{tokens // c.slots:,} per slot on average ({100 * tokens / (c.slots * full):.0f}% of every "
                      f"slot at its longest, {full:,}); the latest admitted answers give way when it runs short")
     else:
-        lines.append(f"  KV cache: each slot its own stretch, up to {full:,} tokens (set rollout.pages for a pool "
-                     f"sized by the tokens held)")
+        lines.append(f"  KV cache: each slot its own stretch, up to {c.slot_span:,} tokens (set rollout.pages for a "
+                     f"pool sized by the tokens held)")
     hbm = plan.target.hbm_bytes
     if hbm and not (plan.sampler.error or plan.admit.error):
         per_page = plan.kv_per_token * c.page_size

@@ -56,8 +56,8 @@ def test_the_plan_counts_the_bytes_the_real_sharded_state_holds():
     c = model_config
     slots = 32 * 8  # a generation batch (32 prompts x 8 answers) is the larger engine
     assert (p.sampler_phase, p.call.slots, p.call.pages) == ("rollout", slots, 0)
-    assert p.kv_cache == 2 * c.num_hidden_layers * slots * c.num_key_value_heads * p.call.pages_per_slot * \
-        p.call.page_size * c.kv_head_dim * 4 // 8
+    assert p.kv_cache == 2 * c.num_hidden_layers * slots * c.num_key_value_heads * p.call.slot_span * \
+        c.kv_head_dim * 4 // 8
     # on fsdp=8 (tensor=1) the sampling layout holds every weight whole; each device receives what it lacked
     assert p.sampling_params == sum(x.nbytes for x in jax.tree_util.tree_leaves(state.params))
     assert p.reshard == p.sampling_params - p.params
@@ -67,7 +67,10 @@ def test_a_page_pool_holds_the_tokens_it_is_given_not_slots_x_the_longest_answer
     contiguous = plan.make_plan(small_config(), "v5p-8")
     pool = plan.make_plan(small_config(rollout__pages=256), "v5p-8")
     assert contiguous.call.pool_pages == 256 * 2  # 256 slots of 2 pages (a prompt + answer of up to 128 tokens)
-    assert pool.call.pool_pages == 256 and pool.kv_cache == contiguous.kv_cache // 2
+    # ...but a contiguous cache holds what the engine gives it: the longest prompt + answer (40 + 48 - 1
+    # positions) in whole 64-byte rows of float32 slots, 96 per slot, not 2 pages of 64
+    assert contiguous.call.slot_span == 96 and "up to 96 tokens" in plan.report(contiguous, "c")
+    assert pool.call.pool_pages == 256 and pool.kv_cache * 3 == contiguous.kv_cache * 2  # 16,384 / 24,576 tokens
     assert not pool.sampler.error and not pool.admit.error
     text = plan.report(pool, "pool")
     assert "a pool of 256 pages of 64 tokens = 16,384 tokens, 64 per slot on average (50% of every slot" in text
@@ -112,7 +115,7 @@ def test_a_cpu_plan_is_judged_against_this_hosts_memory(monkeypatch):
     cfg = small_config()
     compiled = plan.Compiled(1.0, argument=plan.GIB, output=0, temp=2 * plan.GIB, alias=0)
     mesh = sharding.make_mesh(**cfg.mesh)
-    call = plan.largest_sampler_call(cfg, mesh, on_cpu=True)
+    call = plan.largest_sampler_call(cfg, loading.random_config("tiny"), mesh, on_cpu=True)
     p = plan.Plan(cfg, t, {"data": 1, "fsdp": 8, "tensor": 1}, loading.random_config("tiny"), "random:tiny",
                   params=plan.GIB // 4, opt_state=plan.GIB // 4, ref_params=0, batch=0, train=compiled, sampler=compiled,
                   admit=compiled, call=call, sampling_params=plan.GIB // 2, reshard=plan.GIB // 4, kv_cache=plan.GIB,
