@@ -413,7 +413,7 @@ class Engine:
         slots are at least its waiting work (with none free and none waiting too: to learn whether
         the feed is empty), so several engines can share one feed. Nothing more is decoded once the
         caller stops iterating or `stop()` returns True, checked between segments (with no stop ids
-        and nothing waiting, a segment may run to the answers' next span end: up to half the cap).
+        and nothing waiting, a segment may run on to the answers' next span end: 128, 256, ... tokens).
         """
         cfg, e, G, M = self.config, self.engine, self.sampling.num_samples, self.sampling.max_new_tokens
         ps, S, shards = e.page_size, e.slots, self.shards
