@@ -341,7 +341,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
     s = sub.add_parser("sampler", help="new tokens per second of dapo_jax.generate")
-    s.add_argument("--checkpoint", required=True, help="HF checkpoint directory or random:<preset>[,field=value]")
+    s.add_argument("--checkpoint", default="random:tiny", help="HF checkpoint directory or random:<preset>[,field=value]")
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--prompt-len", type=int, default=32)
     s.add_argument("--new-tokens", type=int, default=256)
@@ -363,7 +363,9 @@ def main(argv=None):
                    help="seconds of idle before each timed round, so that neither library's spinning worker "
                         "threads eat into the other's time")
     m = sub.add_parser("train-memory", help="compiled train-step temporaries for one row of each length")
-    m.add_argument("--checkpoint", required=True, help="HF checkpoint directory or random:<preset>[,field=value]")
+    m.add_argument("--checkpoint", default="random:tiny,layers=2,hidden=256,vocab=151936",
+                   help="HF checkpoint directory or random:<preset>[,field=value] (default: Qwen's vocabulary on a "
+                        "2-layer body)")
     m.add_argument("--lengths", default="2048,8192", help="comma-separated row lengths (tokens)")
     m.add_argument("--attention", default="auto", help="model.attention: auto, blockwise, splash or dense")
     t = sub.add_parser("train", help="real tokens/s of the train step, padded vs packed rows, long-tailed answers")
