@@ -341,7 +341,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
     s = sub.add_parser("sampler", help="new tokens per second of dapo_jax.generate")
-    s.add_argument("--checkpoint", default="random:tiny", help="HF checkpoint directory or random:<preset>[,field=value]")
+    s.add_argument("--checkpoint", default="random:tiny",
+                   help="HF checkpoint directory or random:<preset>[,field=value]")
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--prompt-len", type=int, default=32)
     s.add_argument("--new-tokens", type=int, default=256)
