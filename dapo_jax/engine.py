@@ -289,6 +289,13 @@ def _rows(slots: Slots, rows_K):
     return slots.tokens_SxM[rows_K], slots.logprobs_SxM[rows_K], slots.stopped_S[rows_K]
 
 
+def contiguous_span(config: Qwen2Config, width: int, longest: int, max_new_tokens: int) -> int:
+    """The most slots a contiguous cache row holds: the padded prompts' `width`, or the `longest`
+    prompt and its answer at full length rounded to whole 64-byte rows of slots as the batch sampler's
+    spans are (not to pages)."""
+    return max(width, span_slots(config, longest, max_new_tokens))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _contiguous(config: Qwen2Config, slots: int, length: int, per_layer: bool):
     """One lane of empty contiguous caches: a KVCache with a layer axis, or one per layer."""
@@ -433,9 +440,7 @@ class Engine:
             cache = paged.PagedKVCache.zeros(cfg, pool, ps, per_layer=per_layer)
             sizes = [S]
         else:  # span-sized contiguous lanes, at least the padded prompts' width (admissions write it)
-            # (a lane never needs more than the longest prompt and answer: rounded to whole 64-byte
-            # rows of slots, as the batch sampler's spans, not to pages)
-            longest_span = max(width, span_slots(cfg, longest, M))
+            longest_span = contiguous_span(cfg, width, longest, M)
             length = self._span(width, width, longest_span)
             sizes = [S - e.long_slots, e.long_slots] if e.long_slots else [S]
             cache = tuple(_contiguous(cfg, n, length, per_layer) for n in sizes)

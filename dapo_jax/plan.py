@@ -324,6 +324,8 @@ def largest_sampler_call(cfg: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2C
                          on_cpu: bool) -> SamplerCall:
     """The run's larger engine: the rollout's (config.rollout_slots answers at once) or an evaluation
     batch's (k samples per prompt)."""
+    from dapo_jax import engine
+
     r, e = cfg.rollout, cfg.eval
     calls = {"rollout": (r.generation_chunk or r.gen_prompts_per_batch, r.samples_per_prompt),
              "eval": (e.prompts_per_batch, e.samples_per_prompt)}
@@ -338,7 +340,7 @@ def largest_sampler_call(cfg: ml_collections.ConfigDict, model_cfg: qwen2.Qwen2C
     bucket = -(-max(r.prompt_bucket, 1) // ps) * ps if r.pages else max(r.prompt_bucket, 1)  # as the engine pads
     width = -(-cfg.data.max_prompt_length // bucket) * bucket
     pages_per_slot = max(-(-(cfg.data.max_prompt_length + r.max_response_length - 1) // ps), width // ps)
-    slot_span = max(width, sampling.span_slots(model_cfg, cfg.data.max_prompt_length, r.max_response_length))
+    slot_span = engine.contiguous_span(model_cfg, width, cfg.data.max_prompt_length, r.max_response_length)
     slots = -(-prompts * samples // shards) * shards
     return SamplerCall(phase, prompts, samples, slots, shards, width, ps, pages_per_slot, slot_span, r.pages,
                        per_layer, spec)
